@@ -1,0 +1,113 @@
+"""The command line: options become recipe overrides; each subcommand's work lives in qatcli.commands."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from qatcli.errors import QatcliError
+from qatcli.recipe import load_recipe
+
+app = typer.Typer(
+    help="Quantize Hugging Face causal LMs to 2-8 bits and measure what each method costs.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="YAML recipe; flags override its values.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu, cuda or cuda:N.")]
+SeedOpt = Annotated[int | None, typer.Option(help="Random seed (default 0).")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+DataOpt = Annotated[str | None, typer.Option(help="Text file, .jsonl, hf:NAME[:CONFIG], wikitext2 or generated:N.")]
+SeqlenOpt = Annotated[int | None, typer.Option(help="Tokens per evaluation window (default 512).")]
+MaxWindowsOpt = Annotated[int | None, typer.Option(help="Evaluate at most this many windows.")]
+
+
+@app.command()
+def ptq(
+    model: Annotated[str | None, typer.Argument(help="Model directory, hub id or built-in alias.")] = None,
+    recipe: RecipeOpt = None,
+    method: Annotated[str | None, typer.Option(help="Quantization method: rtn.")] = None,
+    bits: Annotated[int | None, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = None,
+    group_size: Annotated[int | None, typer.Option(help="Input columns per group; -1 for one per row.")] = None,
+    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric (default) or asymmetric grid.")] = None,
+    include: Annotated[list[str] | None, typer.Option(help="Regex of layers to quantize (repeatable).")] = None,
+    exclude: Annotated[list[str] | None, typer.Option(help="Regex of layers to keep in fp (repeatable).")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Checkpoint directory to write.")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="Also measure perplexity on this data.")] = None,
+    seqlen: SeqlenOpt = None,
+    max_windows: MaxWindowsOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Post-training quantization into a qatcli checkpoint directory."""
+    from qatcli.commands.ptq import run_ptq
+
+    cfg = load_recipe(recipe, {
+        "model": model, "output": output, "device": device, "seed": seed,
+        "quant.method": method, "quant.bits": bits, "quant.group_size": group_size, "quant.sym": sym,
+        "quant.include": include or None, "quant.exclude": exclude or None,
+        "eval.data": eval_data, "eval.seqlen": seqlen, "eval.max_windows": max_windows,
+    })
+    run_ptq(cfg, force)
+
+
+@app.command("eval")
+def eval_(
+    models: Annotated[list[str] | None, typer.Argument(help="Models and/or qatcli checkpoints.")] = None,
+    recipe: RecipeOpt = None,
+    data: DataOpt = None,
+    seqlen: SeqlenOpt = None,
+    max_windows: MaxWindowsOpt = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON here.")] = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Perplexity of full-precision models and checkpoints on the same windows, in one table."""
+    from qatcli.commands.evaluate import run_eval
+
+    cfg = load_recipe(recipe, {
+        "device": device, "seed": seed, "eval.data": data, "eval.seqlen": seqlen, "eval.max_windows": max_windows,
+    })
+    run_eval(cfg, models or [], json_path, force)
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+
+def main(argv: list[str] | None = None) -> Any:
+    """Entry point: user mistakes become one line on stderr and exit status 2, never a traceback."""
+    _quiet_libraries()
+    command = typer.main.get_command(app)
+    try:
+        return command.main(args=argv, prog_name="qatcli", standalone_mode=False)
+    except QatcliError as err:
+        print(f"qatcli: error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except typer.TyperException as err:
+        ctx = getattr(err, "ctx", None)
+        if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            print(ctx.get_help())
+            sys.exit(0)
+        print(f"qatcli: error: {err.format_message()}", file=sys.stderr)
+        sys.exit(2)
+    except typer.Exit as err:
+        sys.exit(err.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
+        print("qatcli: interrupted", file=sys.stderr)
+        sys.exit(130)

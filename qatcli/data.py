@@ -1,0 +1,195 @@
+"""Text sources and the token windows cut from them for calibration, training and evaluation.
+
+A data spec is one of:
+  - a path to a plain text file (read whole) or a ``.jsonl`` file (its ``text`` field, records joined),
+  - ``hf:NAME[:CONFIG][@SPLIT]`` for a Hugging Face dataset, or the alias ``wikitext2``,
+  - ``generated:N[:LEN]``: N sequences of LEN tokens sampled from the full-precision model (see generated.py).
+
+Records are joined with "\\n\\n" and tokenized once, as the GPTQ evaluation does.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from qatcli.errors import QatcliError
+
+Purpose = Literal["eval", "calib", "train"]
+
+HF_ALIASES = {"wikitext2": ("wikitext", "wikitext-2-raw-v1")}
+DEFAULT_SPLIT: dict[str, str] = {"eval": "test", "calib": "train", "train": "train"}
+GENERATED_DEFAULT_LEN = 512
+
+
+@dataclass(frozen=True)
+class GeneratedSpec:
+    n: int
+    length: int
+
+
+def parse_generated(spec: str) -> GeneratedSpec | None:
+    """``generated:N[:LEN]`` -> GeneratedSpec; any other spec -> None."""
+    if not spec.startswith("generated:"):
+        return None
+    parts = spec.split(":")[1:]
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) not in (1, 2) or min(numbers) < 1:
+        raise QatcliError(f"data '{spec}': expected generated:N or generated:N:LEN with positive integers")
+    return GeneratedSpec(numbers[0], numbers[1] if len(numbers) == 2 else GENERATED_DEFAULT_LEN)
+
+
+def _read_jsonl(path: Path, field: str = "text") -> list[str]:
+    texts = []
+    with path.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise QatcliError(f"data '{path}' line {lineno} is not valid JSON") from err
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise QatcliError(f"data '{path}' line {lineno} has no string field '{field}'")
+            texts.append(record[field])
+    return texts
+
+
+def _read_hf(spec: str, purpose: Purpose) -> list[str]:
+    name, _, split = spec.partition("@")
+    if name in HF_ALIASES:
+        path, config = HF_ALIASES[name]
+    else:
+        path, _, config = name.removeprefix("hf:").partition(":")
+    split = split or DEFAULT_SPLIT[purpose]
+    try:
+        import datasets
+    except ImportError as err:
+        raise QatcliError("Hugging Face datasets need the 'hf' extra: pip install 'qatcli[hf]'") from err
+    try:
+        ds = datasets.load_dataset(path, config or None, split=split)
+    except Exception as err:  # the datasets library raises many unrelated types for "not reachable"
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise QatcliError(f"could not load dataset '{spec}' (split {split}): {first}") from err
+    if "text" not in ds.column_names:
+        raise QatcliError(f"dataset '{spec}' has no 'text' column (columns: {', '.join(ds.column_names)})")
+    return list(ds["text"])
+
+
+def check_data_spec(spec: str) -> None:
+    """Cheap checks made before any model is loaded: the syntax, and that a data file exists."""
+    if parse_generated(spec) is not None or spec in HF_ALIASES or spec.startswith("hf:"):
+        return
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise QatcliError(f"data file '{spec}' does not exist")
+    if not path.is_file():
+        raise QatcliError(f"data '{spec}' is not a file")
+
+
+def read_texts(spec: str, purpose: Purpose) -> list[str]:
+    """The records of a text data spec (not ``generated:``)."""
+    if spec in HF_ALIASES or spec.startswith("hf:"):
+        return _read_hf(spec, purpose)
+    check_data_spec(spec)
+    path = Path(spec).expanduser()
+    if path.suffix == ".jsonl":
+        texts = _read_jsonl(path)
+    else:
+        try:
+            texts = [path.read_text()]
+        except UnicodeDecodeError as err:
+            raise QatcliError(f"data file '{spec}' is not UTF-8 text") from err
+    if not any(t.strip() for t in texts):
+        raise QatcliError(f"data '{spec}' holds no text")
+    return texts
+
+
+def tokenize_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
+    ids = tokenizer("\n\n".join(texts), verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+# Produces the token stream of a ``generated:`` spec for a purpose; supplied by the caller, who
+# knows which full-precision model generates (see generated.generated_tokens).
+GeneratedTokens = Callable[[GeneratedSpec, Purpose], torch.Tensor]
+
+
+def load_tokens(
+    spec: str, purpose: Purpose, tokenizer: PreTrainedTokenizerBase, generated: GeneratedTokens
+) -> torch.Tensor:
+    """The 1-D token stream of a data spec, for one purpose."""
+    gen = parse_generated(spec)
+    if gen is not None:
+        return generated(gen, purpose)
+    return tokenize_texts(read_texts(spec, purpose), tokenizer)
+
+
+def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start (tail dropped): [n, seqlen]."""
+    n = tokens.numel() // seqlen
+    if n == 0:
+        raise QatcliError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return tokens[: n * seqlen].reshape(n, seqlen)
+
+
+def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets, as GPTQ draws them: [n, seqlen]."""
+    if tokens.numel() <= seqlen:
+        raise QatcliError(f"the calibration text has {tokens.numel()} tokens, need more than seqlen={seqlen}")
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=gen)
+    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+
+
+class TrainBatches:
+    """Endless batches of non-overlapping windows in a seeded order that reshuffles every epoch.
+
+    The position is part of the state, so a resumed run continues with exactly the next batch.
+    """
+
+    def __init__(self, tokens: torch.Tensor, seqlen: int, batch_size: int, seed: int) -> None:
+        n = tokens.numel() // seqlen
+        if n < batch_size:
+            raise QatcliError(
+                f"the training text has {n} windows of {seqlen} tokens, fewer than one batch of {batch_size}"
+            )
+        self.windows = tokens[: n * seqlen].reshape(n, seqlen)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+        self.position = 0
+        self._order = self._permutation()
+
+    def _permutation(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.windows.shape[0], generator=gen)
+
+    def next_batch(self) -> torch.Tensor:
+        if self.position + self.batch_size > self._order.numel():
+            self.epoch += 1
+            self.position = 0
+            self._order = self._permutation()
+        idx = self._order[self.position : self.position + self.batch_size]
+        self.position += self.batch_size
+        return self.windows[idx]
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed = state["seed"]
+        self.epoch = state["epoch"]
+        self.position = state["position"]
+        self._order = self._permutation()

@@ -1,0 +1,63 @@
+"""Perplexity by the GPTQ protocol: mean token NLL over non-overlapping windows, ppl = exp(mean)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from qatcli.data import eval_windows, load_tokens
+from qatcli.generated import generated_tokens
+from qatcli.models import ModelRef
+from qatcli.progress import progress_bar
+from qatcli.recipe import EvalConfig
+
+
+@dataclass(frozen=True)
+class Perplexity:
+    ppl: float
+    nll: float
+    windows: int
+    seqlen: int
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, label: str = "eval",
+               batch_size: int = 4) -> Perplexity:
+    """Each window's mean next-token NLL, averaged over windows (equal weights, as GPTQ's eval does)."""
+    total = 0.0
+    n, seqlen = windows.shape
+    with progress_bar() as progress:
+        task = progress.add_task(label, total=n, unit="win")
+        for start in range(0, n, batch_size):
+            batch = windows[start : start + batch_size].to(device)
+            logits = model(batch, use_cache=False).logits.float()
+            nll = F.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
+            )
+            total += nll.view(batch.shape[0], -1).mean(dim=1).sum().item()
+            progress.advance(task, batch.shape[0])
+    mean = total / n
+    return Perplexity(ppl=math.exp(mean), nll=mean, windows=n, seqlen=seqlen)
+
+
+def evaluate_on_data(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    base_model: Callable[[], ModelRef],
+    cfg: EvalConfig,
+    seed: int,
+    device: torch.device,
+    label: str,
+) -> Perplexity:
+    """Perplexity of ``model`` on ``cfg.data``; ``base_model`` names the fp model that ``generated:`` samples."""
+    assert cfg.data is not None
+    tokens = load_tokens(
+        cfg.data, "eval", tokenizer, lambda gen, purpose: generated_tokens(base_model(), gen, purpose, seed, device)
+    )
+    return perplexity(model, eval_windows(tokens, cfg.seqlen, cfg.max_windows), device, label)

@@ -1,0 +1,81 @@
+"""Data-free text: sequences sampled from the full-precision model itself, as LLM-QAT does.
+
+Each sequence starts from a uniformly drawn (non-special) token, continues greedily for a few tokens
+and is then sampled from the model's distribution at temperature 1. Every fifth sequence is held
+out: perplexity on the held-out part measures how closely a quantized model follows the
+full-precision model (fidelity), not how well it models natural text.
+"""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from qatcli.data import GeneratedSpec, Purpose
+from qatcli.errors import QatcliError
+from qatcli.models import ModelRef, cache_root, load_model, load_tokenizer
+from qatcli.outputs import atomic_dir
+from qatcli.progress import progress_bar
+
+HELD_OUT_EVERY = 5
+GREEDY_PREFIX = 3
+BATCH_SIZE = 16
+
+
+@torch.no_grad()
+def sample_sequences(
+    model: nn.Module, allowed_first: torch.Tensor, n: int, length: int, seed: int, device: torch.device
+) -> torch.Tensor:
+    """n sequences of ``length`` tokens sampled from ``model``: [n, length] int64 on the CPU."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    with progress_bar() as progress:
+        task = progress.add_task("generating data", total=n * length, unit="tok")
+        for start in range(0, n, BATCH_SIZE):
+            b = min(BATCH_SIZE, n - start)
+            first = allowed_first[torch.randint(0, allowed_first.numel(), (b,), generator=gen)]
+            seq = first.unsqueeze(1)
+            step = model(seq.to(device), use_cache=True)
+            for t in range(1, length):
+                logits = step.logits[:, -1].float().cpu()
+                if t <= GREEDY_PREFIX:
+                    nxt = logits.argmax(dim=-1)
+                else:
+                    nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
+                seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
+                step = model(nxt.unsqueeze(1).to(device), past_key_values=step.past_key_values, use_cache=True)
+                progress.advance(task, b)
+            progress.advance(task, b)
+            out.append(seq)
+    return torch.cat(out)
+
+
+def _cached_sequences(ref: ModelRef, spec: GeneratedSpec, seed: int, device: torch.device) -> torch.Tensor:
+    folder = cache_root() / "generated" / ref.cache_key / f"n{spec.n}-len{spec.length}-seed{seed}"
+    path = folder / "tokens.safetensors"
+    if not path.is_file():
+        tokenizer = load_tokenizer(ref)
+        model = load_model(ref, device)
+        special = set(tokenizer.all_special_ids)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        allowed = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
+        tokens = sample_sequences(model, allowed, spec.n, spec.length, seed, device)
+        with atomic_dir(folder, force=True) as tmp:
+            save_file({"tokens": tokens}, str(tmp / "tokens.safetensors"), metadata={"model": ref.spec})
+        del model
+    return load_file(str(path))["tokens"]
+
+
+def generated_tokens(
+    ref: ModelRef, spec: GeneratedSpec, purpose: Purpose, seed: int, device: torch.device
+) -> torch.Tensor:
+    """The token stream of ``generated:N[:LEN]`` for one purpose: held-out sequences for eval, the rest else."""
+    sequences = _cached_sequences(ref, spec, seed, device)
+    held_out = torch.arange(sequences.shape[0]) % HELD_OUT_EVERY == HELD_OUT_EVERY - 1
+    chosen = sequences[held_out] if purpose == "eval" else sequences[~held_out]
+    if chosen.shape[0] == 0:
+        raise QatcliError(
+            f"generated:{spec.n} leaves no sequences for {purpose}; use at least {HELD_OUT_EVERY} sequences"
+        )
+    return chosen.reshape(-1)

@@ -1,0 +1,157 @@
+"""Recipes: the YAML files that drive every subcommand, their schema, and command-line overrides.
+
+A recipe is validated as a whole after the overrides are applied, so a value typed on the command
+line gets exactly the same checks and messages as one written in the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from qatcli.errors import QatcliError
+from qatcli.grid import SUPPORTED_BITS
+
+PTQ_METHODS = ("rtn",)
+
+
+@dataclass
+class QuantConfig:
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    # Regular expressions on qualified layer names, applied to the Linear layers inside the decoder blocks.
+    include: list[str] = field(default_factory=list)
+    exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class EvalConfig:
+    data: str | None = None
+    seqlen: int = 512
+    max_windows: int | None = None
+    models: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Recipe:
+    model: str | None = None
+    output: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+    if tp in names:
+        return names[tp]
+    origin = typing.get_origin(tp)
+    if origin is list:
+        return "a list of " + _type_name(typing.get_args(tp)[0]).split(" ", 1)[1] + "s"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) if a is not type(None) else "null" for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if tp is type(None):
+        return value is None
+    origin = typing.get_origin(tp)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    raise TypeError(f"unsupported recipe field type {tp}")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise QatcliError(f"recipe: {where or 'the recipe'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in known:
+            raise QatcliError(f"recipe: unknown key '{dotted}' (known keys here: {', '.join(known)})")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value, dotted)
+        elif not _matches(value, tp):
+            raise QatcliError(f"recipe: {dotted} must be {_type_name(tp)}, got {value!r}")
+        else:
+            kwargs[key] = float(value) if tp is float else value
+    return cls(**kwargs)
+
+
+def _check_values(recipe: Recipe) -> None:
+    q = recipe.quant
+    if q.method not in PTQ_METHODS:
+        raise QatcliError(f"recipe: quant.method must be one of {', '.join(PTQ_METHODS)}, got '{q.method}'")
+    if q.bits not in SUPPORTED_BITS:
+        raise QatcliError(f"recipe: quant.bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {q.bits}")
+    if q.group_size != -1 and q.group_size < 1:
+        raise QatcliError(f"recipe: quant.group_size must be -1 (per row) or positive, got {q.group_size}")
+    if recipe.eval.seqlen < 1:
+        raise QatcliError(f"recipe: eval.seqlen must be positive, got {recipe.eval.seqlen}")
+    if recipe.eval.max_windows is not None and recipe.eval.max_windows < 1:
+        raise QatcliError(f"recipe: eval.max_windows must be positive, got {recipe.eval.max_windows}")
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise QatcliError(f"recipe: {p} must be a mapping, got {child!r}")
+        node = child
+    node[leaf] = value
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise QatcliError(f"recipe file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise QatcliError(f"recipe file '{path}' is not valid YAML{where}") from err
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise QatcliError(f"recipe file '{path}' must hold a mapping at the top level")
+    return data
+
+
+def load_recipe(path: Path | None, overrides: dict[str, Any]) -> Recipe:
+    """Read the recipe file (if any), apply the command-line values that were given, and validate."""
+    data = read_recipe_file(path) if path is not None else {}
+    for dotted, value in overrides.items():
+        if value is not None:
+            _set_dotted(data, dotted, value)
+    recipe = _build(Recipe, data, "")
+    _check_values(recipe)
+    return recipe

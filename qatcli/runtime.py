@@ -1,0 +1,31 @@
+"""Device selection and seeding."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from qatcli.errors import QatcliError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU; anything else must name an available device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise QatcliError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise QatcliError(f"device '{name}' requested but CUDA is not available on this machine")
+    if device.type not in ("cpu", "cuda"):
+        raise QatcliError(f"unsupported device '{name}' (use auto, cpu, cuda or cuda:N)")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
