@@ -59,8 +59,9 @@ class LayerQuant:
         return fake_quantize(weight, self.scales, self.zeros, self.g_idx, self.spec.maxq)
 
 
-def make_layer_quant(spec: QuantSpec, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-                     act_order: bool = False) -> LayerQuant:
+def make_layer_quant(
+    spec: QuantSpec, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, act_order: bool = False
+) -> LayerQuant:
     """Store parameters in their checkpoint dtypes (the scales are already on the fp16 grid)."""
     return LayerQuant(
         spec=spec,
@@ -153,16 +154,19 @@ def _read_layers(path: Path, meta: dict[str, Any], modules: dict[str, nn.Module]
             raise QatcliError(f"{where}: incomplete or invalid quantization data ({err})") from err
         out_f, in_f = module.weight.shape
         if (info["in_features"], info["out_features"]) != (in_f, out_f):
-            raise QatcliError(f"{where}: metadata says {info['out_features']}x{info['in_features']}, "
-                              f"weights are {out_f}x{in_f}")
+            raise QatcliError(
+                f"{where}: metadata says {info['out_features']}x{info['in_features']}, weights are {out_f}x{in_f}"
+            )
         groups = spec.num_groups(in_f)
-        expected = {"scales": (torch.float16, (out_f, groups)), "zeros": (torch.uint8, (out_f, groups)),
-                    "g_idx": (torch.int32, (in_f,))}
+        expected = {
+            "scales": (torch.float16, (out_f, groups)),
+            "zeros": (torch.uint8, (out_f, groups)),
+            "g_idx": (torch.int32, (in_f,)),
+        }
         for key, tensor in (("scales", scales), ("zeros", zeros), ("g_idx", g_idx)):
             dtype, shape = expected[key]
             if tensor.dtype != dtype or tuple(tensor.shape) != shape:
-                raise QatcliError(f"{where}: {key} is {tensor.dtype} {tuple(tensor.shape)}, "
-                                  f"expected {dtype} {shape}")
+                raise QatcliError(f"{where}: {key} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}")
         if int(zeros.max()) > spec.maxq or int(g_idx.min()) < 0 or int(g_idx.max()) >= groups:
             raise QatcliError(f"{where}: zero points or g_idx outside their range")
         if not bool((scales > 0).all()):

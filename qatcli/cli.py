@@ -51,12 +51,24 @@ def ptq(
     """Post-training quantization into a qatcli checkpoint directory."""
     from qatcli.commands.ptq import run_ptq
 
-    cfg = load_recipe(recipe, {
-        "model": model, "output": output, "device": device, "seed": seed,
-        "quant.method": method, "quant.bits": bits, "quant.group_size": group_size, "quant.sym": sym,
-        "quant.include": include or None, "quant.exclude": exclude or None,
-        "eval.data": eval_data, "eval.seqlen": seqlen, "eval.max_windows": max_windows,
-    })
+    cfg = load_recipe(
+        recipe,
+        {
+            "model": model,
+            "output": output,
+            "device": device,
+            "seed": seed,
+            "quant.method": method,
+            "quant.bits": bits,
+            "quant.group_size": group_size,
+            "quant.sym": sym,
+            "quant.include": include or None,
+            "quant.exclude": exclude or None,
+            "eval.data": eval_data,
+            "eval.seqlen": seqlen,
+            "eval.max_windows": max_windows,
+        },
+    )
     run_ptq(cfg, force)
 
 
@@ -75,9 +87,16 @@ def eval_(
     """Perplexity of full-precision models and checkpoints on the same windows, in one table."""
     from qatcli.commands.evaluate import run_eval
 
-    cfg = load_recipe(recipe, {
-        "device": device, "seed": seed, "eval.data": data, "eval.seqlen": seqlen, "eval.max_windows": max_windows,
-    })
+    cfg = load_recipe(
+        recipe,
+        {
+            "device": device,
+            "seed": seed,
+            "eval.data": data,
+            "eval.seqlen": seqlen,
+            "eval.max_windows": max_windows,
+        },
+    )
     run_eval(cfg, models or [], json_path, force)
 
 

@@ -27,8 +27,9 @@ class Perplexity:
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, device: torch.device, label: str = "eval",
-               batch_size: int = 4) -> Perplexity:
+def perplexity(
+    model: nn.Module, windows: torch.Tensor, device: torch.device, label: str = "eval", batch_size: int = 4
+) -> Perplexity:
     """Each window's mean next-token NLL, averaged over windows (equal weights, as GPTQ's eval does)."""
     total = 0.0
     n, seqlen = windows.shape

@@ -23,20 +23,34 @@ from qatcli.runtime import resolve_device, seed_everything
 from qatcli.targets import find_targets
 
 
-def _load(spec: str, device: torch.device) -> tuple[nn.Module, PreTrainedTokenizerBase, dict[str, Any], ModelRef | None]:
+def _load(
+    spec: str, device: torch.device
+) -> tuple[nn.Module, PreTrainedTokenizerBase, dict[str, Any], ModelRef | None]:
     """The model to evaluate, its row fields, and (for a full-precision model) its own reference."""
     if is_checkpoint(Path(spec)):
         model, tokenizer, meta, layers = load_checkpoint(Path(spec), device)
         q = meta["quantization"]
-        info = {"method": meta["method"], "bits": q["bits"], "group_size": q["group_size"], "sym": q["sym"],
-                "weight_bytes": quantized_bytes(layers), "base_model": meta["base_model"]["spec"]}
+        info = {
+            "method": meta["method"],
+            "bits": q["bits"],
+            "group_size": q["group_size"],
+            "sym": q["sym"],
+            "weight_bytes": quantized_bytes(layers),
+            "base_model": meta["base_model"]["spec"],
+        }
         return model, tokenizer, info, None
     ref = resolve_model(spec)
     model = load_model(ref, device)
     tokenizer = load_tokenizer(ref)
     fp16_bytes = sum(m.weight.numel() * 2 for m in find_targets(model, [], []).values())
-    info = {"method": "fp", "bits": None, "group_size": None, "sym": None, "weight_bytes": fp16_bytes,
-            "base_model": ref.spec}
+    info = {
+        "method": "fp",
+        "bits": None,
+        "group_size": None,
+        "sym": None,
+        "weight_bytes": fp16_bytes,
+        "base_model": ref.spec,
+    }
     return model, tokenizer, info, ref
 
 
@@ -61,18 +75,37 @@ def run_eval(recipe: Recipe, models: list[str], json_path: Path | None, force: b
         model, tokenizer, info, ref = _load(spec, device)
         base = (lambda r=ref: r) if ref is not None else (lambda b=info["base_model"]: resolve_model(b))
         result = evaluate_on_data(model, tokenizer, base, recipe.eval, recipe.seed, device, Path(spec).name)
-        rows.append({
-            "name": spec, **info, "ppl": result.ppl, "nll": result.nll, "windows": result.windows,
-            "seqlen": result.seqlen, "data": recipe.eval.data, "seconds": round(time.perf_counter() - t0, 3),
-        })
+        rows.append(
+            {
+                "name": spec,
+                **info,
+                "ppl": result.ppl,
+                "nll": result.nll,
+                "windows": result.windows,
+                "seqlen": result.seqlen,
+                "data": recipe.eval.data,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
         del model
         gc.collect()
 
     print_table(
         f"perplexity on {recipe.eval.data}",
         ["name", "method", "bits", "group", "ppl", "windows x seqlen", "linear weights", "time s"],
-        [[r["name"], r["method"], r["bits"], r["group_size"], r["ppl"], f"{r['windows']} x {r['seqlen']}",
-          human_bytes(r["weight_bytes"]), r["seconds"]] for r in rows],
+        [
+            [
+                r["name"],
+                r["method"],
+                r["bits"],
+                r["group_size"],
+                r["ppl"],
+                f"{r['windows']} x {r['seqlen']}",
+                human_bytes(r["weight_bytes"]),
+                r["seconds"],
+            ]
+            for r in rows
+        ],
     )
     if json_path is not None:
         write_json_atomic(json_path, rows, force)

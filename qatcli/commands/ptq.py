@@ -78,7 +78,19 @@ def run_ptq(recipe: Recipe, force: bool) -> dict:
     print_table(
         f"qatcli ptq -> {out}",
         ["model", "method", "bits", "group", "sym", "layers", "quantized size", "fp16 size", "quantize s", "ppl"],
-        [[ref.spec, q.method, q.bits, q.group_size, q.sym, len(layers), human_bytes(metrics["quantized_bytes"]),
-          human_bytes(metrics["fp16_bytes"]), metrics["quantize_seconds"], ev.get("ppl")]],
+        [
+            [
+                ref.spec,
+                q.method,
+                q.bits,
+                q.group_size,
+                q.sym,
+                len(layers),
+                human_bytes(metrics["quantized_bytes"]),
+                human_bytes(metrics["fp16_bytes"]),
+                metrics["quantize_seconds"],
+                ev.get("ppl"),
+            ]
+        ],
     )
     return metrics
