@@ -1,0 +1,3 @@
+from qatcli.cli import main
+
+main()

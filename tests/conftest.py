@@ -1,0 +1,79 @@
+"""Fixtures: a tiny random Llama with a BPE tokenizer trained here on the SOTU text."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SOTU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sotu"
+
+
+def build_tokenizer(text: str, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    tok.train_from_iterator([text], trainer)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_llama_config(vocab_size: int = 512) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def sotu() -> Path:
+    assert SOTU.is_dir(), f"the SOTU text is expected at {SOTU}"
+    return SOTU
+
+
+def briefly_train(model: LlamaForCausalLM, tokens: torch.Tensor, steps: int, seqlen: int = 64) -> None:
+    """A few hundred AdamW steps, so that quantization has a visible, not random, effect on the loss."""
+    gen = torch.Generator().manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(steps):
+        starts = torch.randint(0, tokens.numel() - seqlen, (8,), generator=gen)
+        batch = torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+        model(batch, labels=batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, sotu: Path) -> Path:
+    """A saved small LlamaForCausalLM (in_features 64 and 128) with a tokenizer, both trained on SOTU text."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    text = (sotu / "train.txt").read_text()[:300_000]
+    tokenizer = build_tokenizer(text)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
+    briefly_train(model, torch.tensor(tokenizer(text)["input_ids"]), steps=150)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run_cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
+    """Run the real command line in a fresh interpreter."""
+    env = dict(os.environ)
+    if cache is not None:
+        env["QATCLI_CACHE"] = str(cache)
+    return subprocess.run([sys.executable, "-m", "qatcli", *args], capture_output=True, text=True, env=env, timeout=600)

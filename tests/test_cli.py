@@ -1,0 +1,251 @@
+"""ptq and eval through the real command line on a tiny Llama, including every kind of bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from safetensors.torch import load_file
+
+from qatcli.checkpoint import load_checkpoint
+from qatcli.grid import QuantSpec, fake_quantize, group_qparams
+
+
+def assert_one_line_error(result, fragment: str) -> None:
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    # Progress bars of work done before the failure may precede it; the error itself is one line, the last.
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    assert errors == lines[-1:], result.stderr
+    assert lines[-1].startswith("qatcli: error:") and fragment in lines[-1], lines[-1]
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, sotu: Path) -> dict[str, Path]:
+    """RTN checkpoints of the tiny model at 8 and 2 bits, written by `qatcli ptq`."""
+    out = tmp_path_factory.mktemp("ckpt")
+    paths = {}
+    for bits, extra in ((8, ["--sym"]), (2, ["--asym"])):
+        path = out / f"rtn{bits}"
+        result = run_cli(
+            "ptq",
+            str(tiny_model_dir),
+            "--bits",
+            str(bits),
+            "--group-size",
+            "32",
+            *extra,
+            "-o",
+            str(path),
+            "--eval-data",
+            str(sotu / "test.txt"),
+            "--seqlen",
+            "64",
+            "--max-windows",
+            "4",
+        )
+        assert result.returncode == 0, result.stderr
+        assert "rtn" in result.stdout
+        paths[bits] = path
+    return paths
+
+
+def test_ptq_writes_a_complete_checkpoint(quantized: dict[str, Path], tiny_model_dir: Path) -> None:
+    path = quantized[2]
+    for name in ("config.json", "model.safetensors", "quant.safetensors", "qatcli.json", "tokenizer.json"):
+        assert (path / name).is_file(), name
+    meta = json.loads((path / "qatcli.json").read_text())
+    assert meta["method"] == "rtn" and meta["quantization"] == {"bits": 2, "group_size": 32, "sym": False}
+    assert len(meta["layers"]) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 blocks
+    assert "lm_head" not in str(list(meta["layers"])) and "embed" not in str(list(meta["layers"]))
+    assert meta["recipe"]["quant"]["bits"] == 2 and meta["provenance"]["command"] == "ptq"
+    assert meta["metrics"]["eval"]["windows"] == 4 and meta["metrics"]["eval"]["ppl"] > 1
+
+    # The latent weights are the original ones; the grid of each layer is the one grid.py computes.
+    original = load_file(str(tiny_model_dir / "model.safetensors"))
+    latent = load_file(str(path / "model.safetensors"))
+    quant = load_file(str(path / "quant.safetensors"))
+    name = "model.layers.1.mlp.down_proj"
+    assert torch.equal(latent[f"{name}.weight"], original[f"{name}.weight"])
+    scales, zeros = group_qparams(original[f"{name}.weight"], QuantSpec(2, 32, sym=False))
+    assert torch.equal(quant[f"{name}.scales"].float(), scales)
+    assert torch.equal(quant[f"{name}.zeros"].float(), zeros)
+
+    model, _, _, layers = load_checkpoint(path, torch.device("cpu"))
+    weight = dict(model.named_modules())[name].weight
+    expected = fake_quantize(original[f"{name}.weight"], scales, zeros, layers[name].g_idx, 3)
+    assert torch.equal(weight.detach(), expected)
+    assert torch.equal(model.lm_head.weight.detach(), original["lm_head.weight"])
+
+
+def test_eval_mixes_models_and_checkpoints(
+    quantized: dict[str, Path], tiny_model_dir: Path, sotu: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "rows.json"
+    result = run_cli(
+        "eval",
+        str(tiny_model_dir),
+        str(quantized[8]),
+        str(quantized[2]),
+        "--data",
+        str(sotu / "test.txt"),
+        "--seqlen",
+        "64",
+        "--max-windows",
+        "6",
+        "--json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())
+    assert [r["method"] for r in rows] == ["fp", "rtn", "rtn"]
+    assert [r["bits"] for r in rows] == [None, 8, 2]
+    assert all(r["windows"] == 6 and r["seqlen"] == 64 for r in rows)
+    fp, w8, w2 = (r["ppl"] for r in rows)
+    assert abs(w8 - fp) / fp < 0.01
+    assert w2 != pytest.approx(fp, rel=0.01)
+    assert rows[1]["weight_bytes"] < rows[0]["weight_bytes"] and rows[2]["weight_bytes"] < rows[1]["weight_bytes"]
+    assert "perplexity" in result.stdout and "rtn2" in result.stdout
+
+
+def test_eval_on_generated_data_is_cached(tiny_model_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    args = ("eval", str(tiny_model_dir), "--data", "generated:10:32", "--seqlen", "32")
+    first = run_cli(*args, "--json", str(tmp_path / "a.json"), cache=cache)
+    assert first.returncode == 0, first.stderr
+    files = list(cache.glob("generated/*/*/tokens.safetensors"))
+    assert len(files) == 1
+    assert load_file(str(files[0]))["tokens"].shape == (10, 32)
+    mtime = files[0].stat().st_mtime_ns
+    second = run_cli(*args, "--json", str(tmp_path / "b.json"), cache=cache)
+    assert second.returncode == 0, second.stderr
+    assert files[0].stat().st_mtime_ns == mtime
+    a, b = (json.loads((tmp_path / n).read_text())[0] for n in ("a.json", "b.json"))
+    assert a["windows"] == 2 and a["ppl"] == b["ppl"]  # 2 held-out sequences of 32 tokens
+
+
+def test_recipe_drives_ptq_and_flags_override(tiny_model_dir: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"model: {tiny_model_dir}\noutput: {tmp_path / 'out'}\nquant:\n  bits: 4\n  group_size: 64\n"
+        "  exclude: ['down_proj']\n"
+    )
+    result = run_cli("ptq", "--recipe", str(recipe), "--bits", "3")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((tmp_path / "out" / "qatcli.json").read_text())
+    assert meta["quantization"]["bits"] == 3 and meta["quantization"]["group_size"] == 64
+    assert len(meta["layers"]) == 12 and not any("down_proj" in n for n in meta["layers"])
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--bits", "5"], "quant.bits must be one of 2, 3, 4, 8"),
+        (["--bits", "four"], "Invalid value for '--bits'"),
+        (["--group-size", "128"], "group size 128 does not divide in_features 64 of model.layers.0"),
+        (["--group-size", "0"], "quant.group_size must be -1"),
+        (["--method", "awq"], "quant.method must be one of rtn"),
+        (["--bitz", "3"], "No such option: --bitz"),
+        (["--eval-data", "no/such/file.txt"], "data file 'no/such/file.txt' does not exist"),
+        (["--include", "nothing_matches"], "no Linear layer matches"),
+        (["--device", "cuda:7"], "CUDA is not available"),
+    ],
+)
+def test_bad_ptq_input_is_one_line_error(tiny_model_dir: Path, tmp_path: Path, args: list[str], fragment: str) -> None:
+    out = tmp_path / "out"
+    result = run_cli("ptq", str(tiny_model_dir), "-o", str(out), *args)
+    assert_one_line_error(result, fragment)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_model_recipe_and_data_arguments(tmp_path: Path, tiny_model_dir: Path) -> None:
+    assert_one_line_error(run_cli("ptq", "no/such/model", "-o", str(tmp_path / "o")), "model 'no/such/model' not found")
+    assert_one_line_error(run_cli("ptq", "-o", str(tmp_path / "o")), "no model")
+    assert_one_line_error(run_cli("ptq", str(tiny_model_dir)), "no output directory")
+    assert_one_line_error(run_cli("ptq", "--recipe", str(tmp_path / "none.yaml")), "recipe file")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("quant:\n  bitz: 3\n")
+    assert_one_line_error(run_cli("ptq", "--recipe", str(bad)), "unknown key 'quant.bitz'")
+    assert_one_line_error(run_cli("eval", str(tiny_model_dir)), "no evaluation data")
+    assert_one_line_error(run_cli("eval", str(tiny_model_dir), "--data", str(tmp_path / "x.txt")), "does not exist")
+    assert_one_line_error(run_cli("eval", "nope", "--data", "generated:5"), "model 'nope' not found")
+    assert_one_line_error(run_cli("eval", str(tiny_model_dir), "--data", "generated:0"), "expected generated:N")
+
+
+def test_existing_output_needs_force(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ckpt"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    result = run_cli("ptq", str(tiny_model_dir), "--bits", "4", "--group-size", "32", "-o", str(out))
+    assert_one_line_error(result, "already exists (pass --force")
+    assert (out / "keep.txt").read_text() == "precious"
+
+    rows = tmp_path / "rows.json"
+    rows.write_text("[]")
+    result = run_cli(
+        "eval",
+        str(tiny_model_dir),
+        "--data",
+        "generated:5:16",
+        "--seqlen",
+        "16",
+        "--json",
+        str(rows),
+        cache=tmp_path / "cache",
+    )
+    assert_one_line_error(result, "already exists")
+    assert rows.read_text() == "[]"
+
+    result = run_cli("ptq", str(tiny_model_dir), "--bits", "4", "--group-size", "32", "-o", str(out), "--force")
+    assert result.returncode == 0, result.stderr
+    assert not (out / "keep.txt").exists() and (out / "qatcli.json").is_file()
+
+
+def test_failed_run_leaves_no_partial_output(tiny_model_dir: Path, tmp_path: Path) -> None:
+    short = tmp_path / "short.txt"
+    short.write_text("too short to fill a window")
+    out = tmp_path / "ckpt"
+    # Fails in evaluation, after the quantization ran: nothing may be left behind.
+    result = run_cli(
+        "ptq",
+        str(tiny_model_dir),
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "-o",
+        str(out),
+        "--eval-data",
+        str(short),
+        "--seqlen",
+        "64",
+    )
+    assert_one_line_error(result, "fewer than one window of 64")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
+
+    # The same failure with --force over an existing checkpoint keeps the old one intact.
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    result = run_cli(
+        "ptq",
+        str(tiny_model_dir),
+        "--bits",
+        "4",
+        "--group-size",
+        "32",
+        "-o",
+        str(out),
+        "--eval-data",
+        str(short),
+        "--seqlen",
+        "64",
+        "--force",
+    )
+    assert result.returncode != 0
+    assert (out / "keep.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "short.txt"]

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from qatcli.data import (
+    GeneratedSpec,
+    TrainBatches,
+    calibration_windows,
+    eval_windows,
+    parse_generated,
+    read_texts,
+)
+from qatcli.errors import QatcliError
+
+
+def test_eval_windows_drop_the_tail_and_respect_max_windows() -> None:
+    tokens = torch.arange(1000)
+    w = eval_windows(tokens, 128)
+    assert w.shape == (7, 128) and int(w[1, 0]) == 128
+    assert eval_windows(tokens, 128, max_windows=3).shape == (3, 128)
+    with pytest.raises(QatcliError, match="fewer than one window"):
+        eval_windows(tokens, 2048)
+
+
+def test_calibration_windows_are_seeded_slices() -> None:
+    tokens = torch.arange(5000)
+    a = calibration_windows(tokens, 8, 64, seed=1)
+    assert a.shape == (8, 64)
+    assert torch.equal(a, calibration_windows(tokens, 8, 64, seed=1))
+    assert not torch.equal(a, calibration_windows(tokens, 8, 64, seed=2))
+    assert bool(((a[:, 1:] - a[:, :-1]) == 1).all())  # contiguous windows of the stream
+
+
+def test_train_batches_resume_at_the_same_position() -> None:
+    tokens = torch.arange(64 * 10)
+    first = TrainBatches(tokens, 64, 3, seed=0)
+    seen = [first.next_batch() for _ in range(4)]  # crosses an epoch boundary (10 windows, 3 per batch)
+    assert first.epoch == 1
+    state = first.state_dict()
+    expected = [first.next_batch() for _ in range(5)]
+    resumed = TrainBatches(tokens, 64, 3, seed=0)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(a, b) for a, b in zip(expected, [resumed.next_batch() for _ in range(5)], strict=True))
+    assert len({int(b[0, 0]) for b in seen}) > 1
+
+
+def test_text_and_jsonl_sources(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("hello world")
+    assert read_texts(str(tmp_path / "a.txt"), "eval") == ["hello world"]
+    lines = [json.dumps({"text": "one"}), "", json.dumps({"text": "two", "id": 2})]
+    (tmp_path / "b.jsonl").write_text("\n".join(lines))
+    assert read_texts(str(tmp_path / "b.jsonl"), "train") == ["one", "two"]
+    (tmp_path / "c.jsonl").write_text(json.dumps({"content": "x"}))
+    with pytest.raises(QatcliError, match="no string field 'text'"):
+        read_texts(str(tmp_path / "c.jsonl"), "eval")
+    with pytest.raises(QatcliError, match="does not exist"):
+        read_texts(str(tmp_path / "missing.txt"), "eval")
+
+
+def test_generated_spec_syntax() -> None:
+    assert parse_generated("generated:40") == GeneratedSpec(40, 512)
+    assert parse_generated("generated:10:64") == GeneratedSpec(10, 64)
+    assert parse_generated("test.txt") is None
+    for bad in ("generated:", "generated:x", "generated:0", "generated:1:2:3"):
+        with pytest.raises(QatcliError, match="expected generated:N"):
+            parse_generated(bad)
