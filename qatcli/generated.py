@@ -20,7 +20,7 @@ from qatcli.progress import progress_bar
 
 HELD_OUT_EVERY = 5
 GREEDY_PREFIX = 3
-BATCH_SIZE = 16
+BATCH_SIZE = 64
 
 
 @torch.no_grad()
