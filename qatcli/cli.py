@@ -34,21 +34,32 @@ MaxWindowsOpt = Annotated[int | None, typer.Option(help="Evaluate at most this m
 def ptq(
     model: Annotated[str | None, typer.Argument(help="Model directory, hub id or built-in alias.")] = None,
     recipe: RecipeOpt = None,
-    method: Annotated[str | None, typer.Option(help="Quantization method: rtn.")] = None,
+    method: Annotated[str | None, typer.Option(help="Quantization method: rtn or gptq.")] = None,
     bits: Annotated[int | None, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = None,
     group_size: Annotated[int | None, typer.Option(help="Input columns per group; -1 for one per row.")] = None,
     sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric (default) or asymmetric grid.")] = None,
     include: Annotated[list[str] | None, typer.Option(help="Regex of layers to quantize (repeatable).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Regex of layers to keep in fp (repeatable).")] = None,
     output: Annotated[str | None, typer.Option("--output", "-o", help="Checkpoint directory to write.")] = None,
+    calib_data: Annotated[str | None, typer.Option(help="GPTQ calibration data (same forms as --eval-data).")] = None,
+    nsamples: Annotated[int | None, typer.Option(help="GPTQ calibration windows (default 128).")] = None,
+    seqlen: Annotated[int | None, typer.Option(help="Tokens per calibration and evaluation window (512).")] = None,
+    damp: Annotated[float | None, typer.Option(help="GPTQ dampening, fraction of mean diag(H) (0.01).")] = None,
+    block_size: Annotated[int | None, typer.Option(help="GPTQ lazy-update block in columns (128).")] = None,
+    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ desc_act.")] = None,
+    static_groups: Annotated[
+        bool | None, typer.Option("--static-groups/--no-static-groups", help="GPTQ groups from the original W.")
+    ] = None,
+    true_sequential: Annotated[
+        bool | None, typer.Option("--true-sequential/--no-true-sequential", help="GPTQ layer order in a block.")
+    ] = None,
     eval_data: Annotated[str | None, typer.Option(help="Also measure perplexity on this data.")] = None,
-    seqlen: SeqlenOpt = None,
     max_windows: MaxWindowsOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Post-training quantization into a qatcli checkpoint directory."""
+    """Post-training quantization (RTN or GPTQ) into a qatcli checkpoint directory."""
     from qatcli.commands.ptq import run_ptq
 
     cfg = load_recipe(
@@ -64,6 +75,14 @@ def ptq(
             "quant.sym": sym,
             "quant.include": include or None,
             "quant.exclude": exclude or None,
+            "calib.data": calib_data,
+            "calib.nsamples": nsamples,
+            "calib.seqlen": seqlen,
+            "gptq.damp": damp,
+            "gptq.block_size": block_size,
+            "gptq.act_order": act_order,
+            "gptq.static_groups": static_groups,
+            "gptq.true_sequential": true_sequential,
             "eval.data": eval_data,
             "eval.seqlen": seqlen,
             "eval.max_windows": max_windows,

@@ -100,13 +100,18 @@ def _per_column(params: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
     return params.index_select(1, g_idx.to(device=params.device, dtype=torch.long))
 
 
+def round_to_grid(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> torch.Tensor:
+    """The rounding rule itself, q = clamp(round(w / s) + z, 0, maxq), with s and z broadcast to w (float)."""
+    return torch.clamp(torch.round(w.float() / s) + z, 0, maxq)
+
+
 def quantize(
     w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, maxq: int
 ) -> torch.Tensor:
     """Integer codes of W ([out, in]) on the grid given by per-group ``scales``/``zeros`` ([out, G])."""
     s = _per_column(scales.float(), g_idx)
     z = _per_column(zeros.float(), g_idx)
-    return torch.clamp(torch.round(w.float() / s) + z, 0, maxq).to(torch.uint8)
+    return round_to_grid(w, s, z, maxq).to(torch.uint8)
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
@@ -114,6 +119,11 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
     s = _per_column(scales.float(), g_idx)
     z = _per_column(zeros.float(), g_idx)
     return s * (codes.float() - z)
+
+
+def fake_quantize_dense(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> torch.Tensor:
+    """s * (q - z) with s and z broadcast to w: the quantized value of each weight (float32)."""
+    return s * (round_to_grid(w, s, z, maxq) - z)
 
 
 def fake_quantize(

@@ -18,7 +18,7 @@ import yaml
 from qatcli.errors import QatcliError
 from qatcli.grid import SUPPORTED_BITS
 
-PTQ_METHODS = ("rtn",)
+PTQ_METHODS = ("rtn", "gptq")
 
 
 @dataclass
@@ -30,6 +30,25 @@ class QuantConfig:
     # Regular expressions on qualified layer names, applied to the Linear layers inside the decoder blocks.
     include: list[str] = field(default_factory=list)
     exclude: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CalibConfig:
+    """Calibration windows (GPTQ): ``nsamples`` windows of ``seqlen`` tokens at seeded random offsets."""
+
+    data: str | None = None
+    nsamples: int = 128
+    seqlen: int = 512
+
+
+@dataclass
+class GPTQOptions:
+    damp: float = 0.01  # fraction of mean(diag H) added to the diagonal
+    block_size: int = 128  # columns per lazy batch update
+    act_order: bool = False  # desc_act: columns by descending diag(H)
+    static_groups: bool = False  # group parameters from the original weights, before any update
+    true_sequential: bool = True  # q/k/v, then o, then gate/up, then down within a block
+    batch_size: int = 8  # calibration windows per block forward
 
 
 @dataclass
@@ -47,6 +66,8 @@ class Recipe:
     seed: int = 0
     device: str = "auto"
     quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +134,17 @@ def _check_values(recipe: Recipe) -> None:
         raise QatcliError(f"recipe: quant.bits must be one of {', '.join(map(str, SUPPORTED_BITS))}, got {q.bits}")
     if q.group_size != -1 and q.group_size < 1:
         raise QatcliError(f"recipe: quant.group_size must be -1 (per row) or positive, got {q.group_size}")
+    positive = {
+        "calib.nsamples": recipe.calib.nsamples,
+        "calib.seqlen": recipe.calib.seqlen,
+        "gptq.block_size": recipe.gptq.block_size,
+        "gptq.batch_size": recipe.gptq.batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise QatcliError(f"recipe: {key} must be positive, got {value}")
+    if not 0 <= recipe.gptq.damp < 10:
+        raise QatcliError(f"recipe: gptq.damp must be in [0, 10), got {recipe.gptq.damp}")
     if recipe.eval.seqlen < 1:
         raise QatcliError(f"recipe: eval.seqlen must be positive, got {recipe.eval.seqlen}")
     if recipe.eval.max_windows is not None and recipe.eval.max_windows < 1:

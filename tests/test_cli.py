@@ -249,3 +249,54 @@ def test_failed_run_leaves_no_partial_output(tiny_model_dir: Path, tmp_path: Pat
     assert result.returncode != 0
     assert (out / "keep.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "short.txt"]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_through_the_cli(tiny_model_dir: Path, sotu: Path, tmp_path: Path, act_order: bool) -> None:
+    out = tmp_path / "gptq"
+    flags = ["--act-order"] if act_order else ["--no-true-sequential", "--static-groups"]
+    result = run_cli(
+        "ptq",
+        str(tiny_model_dir),
+        "--method",
+        "gptq",
+        "--bits",
+        "3",
+        "--group-size",
+        "32",
+        "-o",
+        str(out),
+        "--calib-data",
+        str(sotu / "valid.txt"),
+        "--nsamples",
+        "16",
+        "--seqlen",
+        "64",
+        *flags,
+    )
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "qatcli.json").read_text())
+    q = meta["quantization"]
+    assert meta["method"] == "gptq" and q["bits"] == 3 and q["desc_act"] is act_order
+    assert q["static_groups"] is (not act_order) and q["true_sequential"] is act_order
+    assert meta["metrics"]["calibration"] == {"data": str(sotu / "valid.txt"), "nsamples": 16, "seqlen": 64}
+    assert meta["metrics"]["peak_rss_mib"] > 0
+    assert all(info["act_order"] is act_order for info in meta["layers"].values())
+
+    # The latent weights are GPTQ's dequantized weights: loading applies the grid and changes nothing.
+    latent = load_file(str(out / "model.safetensors"))
+    model, _, _, layers = load_checkpoint(out, torch.device("cpu"))
+    modules = dict(model.named_modules())
+    for name in layers:
+        assert torch.equal(modules[name].weight.detach(), latent[f"{name}.weight"]), name
+    if act_order:
+        assert any(
+            not torch.equal(lq.g_idx, torch.arange(lq.g_idx.numel(), dtype=torch.int32) // 32) for lq in layers.values()
+        )
+
+
+def test_gptq_needs_calibration_data(tiny_model_dir: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "ptq", str(tiny_model_dir), "--method", "gptq", "--bits", "3", "--group-size", "32", "-o", str(tmp_path / "o")
+    )
+    assert_one_line_error(result, "gptq needs calibration data")

@@ -6,9 +6,12 @@ import time
 from pathlib import Path
 
 from qatcli.checkpoint import fake_quantized, provenance, quantized_bytes, save_checkpoint
-from qatcli.data import check_data_spec
+from qatcli.data import calibration_windows, check_data_spec, load_tokens
 from qatcli.errors import QatcliError
 from qatcli.evaluate import evaluate_on_data
+from qatcli.generated import generated_tokens
+from qatcli.gptq import GPTQConfig
+from qatcli.gptq_model import quantize_gptq
 from qatcli.grid import QuantSpec
 from qatcli.models import load_model, load_tokenizer, resolve_model
 from qatcli.outputs import atomic_dir, check_writable
@@ -28,6 +31,10 @@ def run_ptq(recipe: Recipe, force: bool) -> dict:
     check_writable(out, force)
     if recipe.eval.data is not None:
         check_data_spec(recipe.eval.data)
+    if recipe.quant.method == "gptq":
+        if recipe.calib.data is None:
+            raise QatcliError("gptq needs calibration data: pass --calib-data or set calib.data in the recipe")
+        check_data_spec(recipe.calib.data)
     device = resolve_device(recipe.device)
     seed_everything(recipe.seed)
     q = recipe.quant
@@ -41,8 +48,33 @@ def run_ptq(recipe: Recipe, force: bool) -> dict:
     check_group_size(targets, spec)
     load_seconds = time.perf_counter() - t0
 
+    quantization = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym}
+    extra_metrics = {}
     t0 = time.perf_counter()
-    layers = quantize_rtn(targets, spec)
+    if q.method == "gptq":
+        c, o = recipe.calib, recipe.gptq
+        tokens = load_tokens(
+            c.data, "calib", tokenizer, lambda gen, purpose: generated_tokens(ref, gen, purpose, recipe.seed, device)
+        )
+        windows = calibration_windows(tokens, c.nsamples, c.seqlen, recipe.seed)
+        cfg = GPTQConfig(damp=o.damp, block_size=o.block_size, act_order=o.act_order, static_groups=o.static_groups)
+        layers, stats = quantize_gptq(model, targets, spec, cfg, windows, device, o.true_sequential, o.batch_size)
+        quantization.update(
+            damp_percent=o.damp,
+            desc_act=o.act_order,
+            static_groups=o.static_groups,
+            true_sequential=o.true_sequential,
+            block_size=o.block_size,
+        )
+        extra_metrics = {
+            "calibration": {"data": c.data, "nsamples": c.nsamples, "seqlen": c.seqlen},
+            "gptq_loss": sum(stats.loss.values()),
+            "damp_raised": stats.damp_raised,
+            "peak_rss_mib": round(stats.peak_rss_mib, 1),
+            "peak_cuda_mib": None if stats.peak_cuda_mib is None else round(stats.peak_cuda_mib, 1),
+        }
+    else:
+        layers = quantize_rtn(targets, spec)
     quantize_seconds = time.perf_counter() - t0
 
     metrics = {
@@ -51,11 +83,12 @@ def run_ptq(recipe: Recipe, force: bool) -> dict:
         "quantized_layers": len(layers),
         "quantized_bytes": quantized_bytes(layers),
         "fp16_bytes": sum(m.weight.numel() * 2 for m in targets.values()),
+        **extra_metrics,
     }
     meta = {
         "method": q.method,
         "base_model": {"spec": ref.spec, "kind": ref.kind, "location": ref.location},
-        "quantization": {"bits": q.bits, "group_size": q.group_size, "sym": q.sym},
+        "quantization": quantization,
         "recipe": recipe.to_dict(),
         "provenance": provenance("ptq", device, recipe.seed),
         "metrics": metrics,

@@ -1,0 +1,96 @@
+"""GPTQ against RTN on a single Linear layer with correlated inputs, and its invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from qatcli.errors import QatcliError
+from qatcli.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, inverse_cholesky
+from qatcli.gptq_model import sequential_groups
+from qatcli.grid import QuantSpec, default_g_idx, dequantize, fake_quantize, group_qparams, quantize
+
+OUT, IN, TOKENS = 64, 256, 2048
+
+
+@pytest.fixture(scope="module")
+def layer() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Weights, correlated inputs (with one dead column) and their Hessian."""
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(IN, IN, generator=gen) / IN**0.5
+    X = torch.randn(TOKENS, IN, generator=gen) @ mix + 0.3 * torch.randn(TOKENS, IN, generator=gen)
+    X[:, 7] = 0
+    W = torch.randn(OUT, IN, generator=gen) * 0.05
+    acc = HessianAccumulator(IN, torch.device("cpu"))
+    for chunk in X.split(500):
+        acc.add(chunk)
+    return W, X, acc.H
+
+
+def test_hessian_is_two_over_n_sum_xxT(layer) -> None:
+    _, X, H = layer
+    torch.testing.assert_close(H, 2 / TOKENS * X.T @ X, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("group_size", [-1, 32])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_gptq_reconstructs_the_output_better_than_rtn(layer, bits, group_size, act_order, static_groups) -> None:
+    W, X, H = layer
+    spec = QuantSpec(bits, group_size, sym=True)
+    scales, zeros = group_qparams(W, spec)
+    rtn = fake_quantize(W, scales, zeros, default_g_idx(IN, group_size), spec.maxq)
+    result = gptq_quantize(W, H, spec, GPTQConfig(act_order=act_order, static_groups=static_groups))
+    rtn_error = ((W - rtn) @ X.T).norm()
+    gptq_error = ((W - result.weight) @ X.T).norm()
+    assert gptq_error < 0.9 * rtn_error, (float(gptq_error), float(rtn_error))
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("group_size", [-1, 32, 64])
+@pytest.mark.parametrize("sym", [True, False])
+def test_weights_are_grid_points_of_the_recorded_grid(layer, act_order, group_size, sym) -> None:
+    W, _, H = layer
+    spec = QuantSpec(3, group_size, sym)
+    result = gptq_quantize(W, H, spec, GPTQConfig(act_order=act_order, block_size=48))
+    groups = spec.num_groups(IN)
+    assert result.scales.shape == result.zeros.shape == (OUT, groups)
+    assert sorted(torch.bincount(result.g_idx.long()).tolist()) == [spec.effective_group_size(IN)] * groups
+    assert torch.equal(result.scales.half().float(), result.scales)
+    codes = quantize(result.weight, result.scales, result.zeros, result.g_idx, spec.maxq)
+    assert torch.equal(dequantize(codes, result.scales, result.zeros, result.g_idx), result.weight)
+    assert bool((result.weight[:, 7] == 0).all())  # the dead column
+
+
+def test_act_order_without_groups_changes_the_order_only(layer) -> None:
+    W, _, H = layer
+    result = gptq_quantize(W, H, QuantSpec(4, 32), GPTQConfig(act_order=True))
+    assert not torch.equal(result.g_idx, default_g_idx(IN, 32))  # groups follow the processing order
+
+
+def test_dampening_is_raised_when_cholesky_fails() -> None:
+    H = torch.ones(8, 8) * -1.0  # negative definite: no dampening of 1% can fix it quickly
+    H.fill_diagonal_(1.0)
+    U, damp = inverse_cholesky(H, 0.01)
+    assert damp > 0.01 and bool(torch.isfinite(U).all())
+    with pytest.raises(QatcliError, match="not positive definite"):
+        inverse_cholesky(-torch.eye(4) * 1e3 - torch.ones(4, 4) * 1e3, 0.01)
+
+
+def test_true_sequential_groups_follow_the_data() -> None:
+    names = [
+        f"model.layers.0.{n}"
+        for n in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    ]
+    groups = sequential_groups(names, true_sequential=True)
+    assert [len(g) for g in groups] == [3, 1, 2, 1]
+    assert sequential_groups(names, true_sequential=False) == [names]
