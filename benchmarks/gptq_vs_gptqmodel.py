@@ -1,0 +1,189 @@
+"""qatcli GPTQ against GPTQModel 7.6.0 on the same model, calibration windows, settings and eval windows.
+
+Both run in this one invocation, one after the other, on the same machine. GPTQModel runs in its own
+virtual environment (benchmarks/setup_gptqmodel_env.sh builds it) through benchmarks/gptqmodel_reference.py.
+Reported per bit width: both perplexities, both quantization wall times (the quantize call only; model
+loading, saving and evaluation excluded) and their ratio. Results are appended to docs/results.md.
+
+    bash benchmarks/setup_gptqmodel_env.sh
+    python benchmarks/gptq_vs_gptqmodel.py --bits 4 3 2 --group-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from safetensors.torch import save_file
+
+from qatcli.data import calibration_windows, eval_windows, read_texts, tokenize_texts
+from qatcli.models import load_tokenizer, resolve_model
+
+REPO = Path(__file__).resolve().parents[1]
+SOTU = REPO.parent / "shared" / "data" / "sotu"
+sys.path.insert(0, str(Path(__file__).parent))
+from ptq_smollm2 import machine  # noqa: E402
+
+
+def sh(cmd: list[str], env: dict[str, str] | None = None) -> None:
+    print("$ " + shlex.join(cmd), flush=True)
+    subprocess.run(cmd, check=True, env=env)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
+    parser.add_argument("--group-size", type=int, default=64)
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--damp", type=float, default=0.01)
+    parser.add_argument("--calib-data", default=str(SOTU / "train.txt"))
+    parser.add_argument("--eval-data", default=str(SOTU / "test.txt"))
+    parser.add_argument("--max-windows", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--venv", type=Path, default=REPO / ".venv-gptqmodel")
+    parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-gptqmodel")
+    parser.add_argument("--results", type=Path, default=REPO / "docs" / "results.md")
+    args = parser.parse_args()
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    ref = resolve_model(args.model)
+    tokenizer = load_tokenizer(ref)
+    # The very windows `qatcli ptq` draws for these flags (same functions, same seed), saved for GPTQModel.
+    calib = calibration_windows(
+        tokenize_texts(read_texts(args.calib_data, "calib"), tokenizer), args.nsamples, args.seqlen, args.seed
+    )
+    evals = eval_windows(tokenize_texts(read_texts(args.eval_data, "eval"), tokenizer), args.seqlen, args.max_windows)
+    calib_path, eval_path = args.workdir / "calib.safetensors", args.workdir / "eval.safetensors"
+    save_file({"input_ids": calib.contiguous()}, str(calib_path))
+    save_file({"input_ids": evals.contiguous()}, str(eval_path))
+
+    env = dict(os.environ, GPTQMODEL_CPU_WORKERS=os.environ.get("GPTQMODEL_CPU_WORKERS", "2"))
+    window_flags = ["--seqlen", str(args.seqlen)] + (
+        ["--max-windows", str(args.max_windows)] if args.max_windows else []
+    )
+    rows = []
+    for bits in args.bits:
+        ours = args.workdir / f"qatcli-w{bits}"
+        sh(
+            [
+                sys.executable,
+                "-m",
+                "qatcli",
+                "ptq",
+                args.model,
+                "--method",
+                "gptq",
+                "--bits",
+                str(bits),
+                "--group-size",
+                str(args.group_size),
+                "--sym",
+                "--calib-data",
+                args.calib_data,
+                "--nsamples",
+                str(args.nsamples),
+                "--damp",
+                str(args.damp),
+                "--no-act-order",
+                "--no-static-groups",
+                "--true-sequential",
+                "--seed",
+                str(args.seed),
+                "-o",
+                str(ours),
+                "--force",
+                *window_flags[:2],
+            ]
+        )
+        ours_eval = args.workdir / f"qatcli-w{bits}-eval.json"
+        sh(
+            [
+                sys.executable,
+                "-m",
+                "qatcli",
+                "eval",
+                str(ours),
+                "--data",
+                args.eval_data,
+                *window_flags,
+                "--json",
+                str(ours_eval),
+                "--force",
+            ]
+        )
+        theirs_json = args.workdir / f"gptqmodel-w{bits}.json"
+        sh(
+            [
+                str(args.venv / "bin" / "python"),
+                str(REPO / "benchmarks" / "gptqmodel_reference.py"),
+                "--model",
+                ref.location,
+                "--calib",
+                str(calib_path),
+                "--eval",
+                str(eval_path),
+                "--bits",
+                str(bits),
+                "--group-size",
+                str(args.group_size),
+                "--damp",
+                str(args.damp),
+                "--no-desc-act",
+                "--true-sequential",
+                "--out",
+                str(args.workdir / f"gptqmodel-w{bits}"),
+                "--json",
+                str(theirs_json),
+            ],
+            env=env,
+        )
+        meta = json.loads((ours / "qatcli.json").read_text())
+        ours_row = json.loads(ours_eval.read_text())[0]
+        theirs = json.loads(theirs_json.read_text())
+        assert ours_row["windows"] == theirs["windows"] and ours_row["seqlen"] == theirs["seqlen"]
+        rows.append(
+            (
+                bits,
+                ours_row["ppl"],
+                theirs["ppl"],
+                meta["metrics"]["quantize_seconds"],
+                theirs["quantize_seconds"],
+                theirs.get("eval_route", ""),
+            )
+        )
+
+    lines = [
+        f"### GPTQ: qatcli against GPTQModel {theirs.get('gptqmodel_version', '')} "
+        f"({datetime.now(timezone.utc).strftime('%Y-%m-%d')})",
+        "",
+        f"Command: `python benchmarks/gptq_vs_gptqmodel.py {shlex.join(sys.argv[1:])}`  ",
+        f"Machine: {machine()}  ",
+        f"Model {args.model}; {args.nsamples} calibration windows x {args.seqlen} tokens of "
+        f"`{Path(args.calib_data).name}` (identical for both); sym, group {args.group_size}, damp {args.damp}, "
+        f"no act-order, true-sequential; GPTQModel in float32 with act_group_aware=False. Eval: "
+        f"`{Path(args.eval_data).name}`, {ours_row['windows']} windows x {args.seqlen}. GPTQModel eval route: "
+        f"{rows[0][5]}. Wall time = the quantize call alone (calibration forward included).",
+        "",
+        "| bits | qatcli ppl | GPTQModel ppl | qatcli s | GPTQModel s | qatcli / GPTQModel time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for bits, p_ours, p_theirs, t_ours, t_theirs, _ in rows:
+        lines.append(
+            f"| {bits} | {p_ours:.3f} | {p_theirs:.3f} | {t_ours:.1f} | {t_theirs:.1f} | {t_ours / t_theirs:.2f} |"
+        )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    with args.results.open("a") as f:
+        f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()
