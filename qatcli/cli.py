@@ -119,6 +119,37 @@ def eval_(
     run_eval(cfg, models or [], json_path, force)
 
 
+@app.command()
+def export(
+    checkpoint: Annotated[str | None, typer.Argument(help="qatcli checkpoint (default: the recipe's output).")] = None,
+    recipe: RecipeOpt = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="GPTQ-format directory to write.")] = None,
+    fmt: Annotated[str | None, typer.Option("--format", help="gptq (v1) or gptq_v2 (default: by symmetry).")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="dtype of dense tensors: float16 (default), bfloat16, float32.")
+    ] = None,
+    max_shard_size: Annotated[int | None, typer.Option(help="Largest safetensors shard in MiB (5120).")] = None,
+    v1_clamp_zeros: Annotated[
+        bool | None, typer.Option("--v1-clamp-zeros", help="Asymmetric as v1, zero points clamped to >= 1.")
+    ] = None,
+    force: ForceOpt = False,
+) -> None:
+    """Write a deployable GPTQ-format model (packed int32 weights, fp16 scales) from a checkpoint."""
+    from qatcli.commands.export import run_export
+
+    cfg = load_recipe(
+        recipe,
+        {
+            "export.output": output,
+            "export.format": fmt,
+            "export.dtype": dtype,
+            "export.max_shard_mib": max_shard_size,
+            "export.v1_clamp_zeros": v1_clamp_zeros,
+        },
+    )
+    run_export(cfg, checkpoint, force)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers

@@ -37,6 +37,9 @@ def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    for file in tmp.rglob("*"):  # some writers create private files; outputs get the usual permissions
+        if file.is_file():
+            file.chmod(0o666 & ~umask)
     if path.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
         os.replace(path, old / path.name)

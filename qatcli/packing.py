@@ -37,7 +37,7 @@ def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         words[:, word] |= (v << offset) & _MASK32
         if offset + bits > _WORD:  # the value's high bits continue in the next word
             words[:, word + 1] |= v >> (_WORD - offset)
-    return _to_int32(words.reshape(n // _WORD * bits, *values.shape[1:])).movedim(0, dim)
+    return _to_int32(words.reshape(n // _WORD * bits, *values.shape[1:])).movedim(0, dim).contiguous()
 
 
 def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

@@ -19,6 +19,8 @@ from qatcli.errors import QatcliError
 from qatcli.grid import SUPPORTED_BITS
 
 PTQ_METHODS = ("rtn", "gptq")
+EXPORT_FORMATS = ("gptq", "gptq_v2")
+EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 
 
 @dataclass
@@ -60,6 +62,15 @@ class EvalConfig:
 
 
 @dataclass
+class ExportConfig:
+    output: str | None = None  # the GPTQ-format directory; the checkpoint read is the recipe's `output`
+    format: str | None = None  # gptq | gptq_v2; default gptq for symmetric grids, gptq_v2 otherwise
+    dtype: str = "float16"  # dtype of the tensors that stay dense (embeddings, norms, lm_head)
+    max_shard_mib: int = 5120
+    v1_clamp_zeros: bool = False
+
+
+@dataclass
 class Recipe:
     model: str | None = None
     output: str | None = None
@@ -69,6 +80,7 @@ class Recipe:
     calib: CalibConfig = field(default_factory=CalibConfig)
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -143,6 +155,13 @@ def _check_values(recipe: Recipe) -> None:
     for key, value in positive.items():
         if value < 1:
             raise QatcliError(f"recipe: {key} must be positive, got {value}")
+    e = recipe.export
+    if e.format is not None and e.format not in EXPORT_FORMATS:
+        raise QatcliError(f"recipe: export.format must be one of {', '.join(EXPORT_FORMATS)}, got '{e.format}'")
+    if e.dtype not in EXPORT_DTYPES:
+        raise QatcliError(f"recipe: export.dtype must be one of {', '.join(EXPORT_DTYPES)}, got '{e.dtype}'")
+    if e.max_shard_mib < 1:
+        raise QatcliError(f"recipe: export.max_shard_mib must be positive, got {e.max_shard_mib}")
     if not 0 <= recipe.gptq.damp < 10:
         raise QatcliError(f"recipe: gptq.damp must be in [0, 10), got {recipe.gptq.damp}")
     if recipe.eval.seqlen < 1:

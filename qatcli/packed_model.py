@@ -1,0 +1,164 @@
+"""Run any GPTQ-format directory (qatcli's export or one written by GPTQModel) with packed weights.
+
+Each quantized Linear becomes a PackedLinear that keeps qweight/qzeros/scales/g_idx as they are stored and
+dequantizes them with vectorised torch on every forward (the CPU reference path).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from qatcli.errors import QatcliError
+from qatcli.gptq_format import FORMATS, PackedLayer, unpack_layer
+from qatcli.grid import SUPPORTED_BITS, dequantize
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+class PackedLinear(nn.Module):
+    """A Linear layer computing with GPTQ-packed weights."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bits: int, fmt: str, packed: PackedLayer, bias: torch.Tensor | None
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.bits, self.fmt = in_features, out_features, bits, fmt
+        for key in ("qweight", "qzeros", "scales", "g_idx"):
+            self.register_buffer(key, getattr(packed, key))
+        self.register_buffer("bias", bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """[out, in] float32 weights s * (q - z), by the same grid.dequantize as every other path."""
+        packed = PackedLayer(self.qweight, self.qzeros, self.scales, self.g_idx)
+        codes, zeros, scales = unpack_layer(packed, self.bits, self.fmt)
+        return dequantize(codes, scales, zeros, self.g_idx)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized_weight().to(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, fmt={self.fmt}"
+
+
+def packed_layer_bytes(layer: PackedLinear) -> int:
+    """Bytes of the packed tensors (qweight, qzeros, scales, g_idx) of one layer."""
+    return sum(t.numel() * t.element_size() for t in (layer.qweight, layer.qzeros, layer.scales, layer.g_idx))
+
+
+def read_gptq_config(directory: Path) -> dict[str, Any] | None:
+    """The GPTQ quantization config of a model directory, or None if it is not a GPTQ-format model."""
+    for name, key in (("config.json", "quantization_config"), ("quantize_config.json", None)):
+        path = Path(directory) / name
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise QatcliError(f"'{path}' is not valid JSON") from err
+        qcfg = data.get(key) if key else data
+        if isinstance(qcfg, dict) and (qcfg.get("quant_method") or qcfg.get("method")) == "gptq":
+            return qcfg
+    return None
+
+
+def _checked_config(directory: Path, qcfg: dict[str, Any]) -> tuple[int, str]:
+    bits = qcfg.get("bits")
+    fmt = qcfg.get("checkpoint_format", qcfg.get("format", "gptq"))
+    if bits not in SUPPORTED_BITS:
+        raise QatcliError(f"'{directory}': GPTQ bits {bits!r} not supported (2, 3, 4 or 8)")
+    if fmt not in FORMATS:
+        raise QatcliError(f"'{directory}': checkpoint format {fmt!r} not supported ({', '.join(FORMATS)})")
+    if qcfg.get("dynamic"):
+        skipped = all(k.startswith("-:") for k in qcfg["dynamic"])
+        if not skipped:
+            raise QatcliError(f"'{directory}': per-module bit widths ('dynamic' overrides) are not supported")
+    return bits, fmt
+
+
+def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    index = directory / SAFETENSORS_INDEX
+    try:
+        if index.is_file():
+            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        else:
+            files = ["model.safetensors"]
+        tensors: dict[str, torch.Tensor] = {}
+        for name in files:
+            tensors.update(load_file(str(directory / name)))
+    except (FileNotFoundError, SafetensorError, KeyError, json.JSONDecodeError) as err:
+        raise QatcliError(f"'{directory}': cannot read the model weights ({err})") from err
+    return tensors
+
+
+def _expect(directory: Path, name: str, tensor: torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    if tensor.dtype != dtype or tuple(tensor.shape) != shape:
+        raise QatcliError(f"'{directory}': {name} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}")
+
+
+def load_gptq_model(directory: Path, device: torch.device) -> tuple[nn.Module, PreTrainedTokenizerBase, dict]:
+    """Build the model from its config, put a PackedLinear wherever the weights are packed, load the rest."""
+    directory = Path(directory)
+    qcfg = read_gptq_config(directory)
+    if qcfg is None:
+        raise QatcliError(f"'{directory}' is not a GPTQ-format model (no quantization_config with quant_method gptq)")
+    bits, fmt = _checked_config(directory, qcfg)
+    try:
+        config = AutoConfig.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as err:
+        raise QatcliError(f"'{directory}': cannot read its config or tokenizer ({err})") from err
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    tensors = _read_tensors(directory)
+
+    modules = dict(model.named_modules())
+    for qname in [k for k in tensors if k.endswith(".qweight")]:
+        name = qname.removesuffix(".qweight")
+        linear = modules.get(name)
+        if not isinstance(linear, nn.Linear):
+            raise QatcliError(f"'{directory}': packed tensors for '{name}', which is not a Linear layer of the model")
+        out_f, in_f = linear.out_features, linear.in_features
+        group_size = qcfg.get("group_size", -1)
+        groups = in_f // group_size if group_size not in (-1, None) else 1
+        try:
+            packed = PackedLayer(*(tensors.pop(f"{name}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")))
+        except KeyError as err:
+            raise QatcliError(f"'{directory}': '{name}' lacks {err.args[0]}") from err
+        _expect(directory, f"{name}.qweight", packed.qweight, torch.int32, (in_f * bits // 32, out_f))
+        _expect(directory, f"{name}.qzeros", packed.qzeros, torch.int32, (groups, out_f * bits // 32))
+        _expect(directory, f"{name}.scales", packed.scales, torch.float16, (groups, out_f))
+        _expect(directory, f"{name}.g_idx", packed.g_idx, torch.int32, (in_f,))
+        if int(packed.g_idx.min()) < 0 or int(packed.g_idx.max()) >= groups:
+            raise QatcliError(f"'{directory}': {name}.g_idx points outside its {groups} groups")
+        bias = tensors.pop(f"{name}.bias", None)
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name], child, PackedLinear(in_f, out_f, bits, fmt, packed, bias))
+
+    tied = getattr(config, "tie_word_embeddings", False)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    packed_buffers = {
+        f"{n}.{k}"
+        for n, m in model.named_modules()
+        if isinstance(m, PackedLinear)
+        for k in ("qweight", "qzeros", "scales", "g_idx", "bias")
+    }
+    missing = [m for m in missing if m not in packed_buffers and not (tied and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise QatcliError(
+            f"'{directory}': weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    if tied:
+        model.tie_weights()
+    return model.to(device).eval(), tokenizer, qcfg
