@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from qatcli.checkpoint import save_checkpoint
+from qatcli.gptq import GPTQConfig
+from qatcli.gptq_model import quantize_gptq
+from qatcli.grid import QuantSpec
+from qatcli.rtn import quantize_rtn
+from qatcli.targets import find_targets
 
 SOTU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sotu"
 
@@ -77,3 +84,25 @@ def run_cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProces
     if cache is not None:
         env["QATCLI_CACHE"] = str(cache)
     return subprocess.run([sys.executable, "-m", "qatcli", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def make_checkpoint(model_dir: Path, out: Path, spec: QuantSpec, method: str, act_order: bool = False) -> Path:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    targets = find_targets(model, [], [])
+    if method == "gptq":
+        windows = torch.randint(0, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
+        layers, _ = quantize_gptq(model, targets, spec, GPTQConfig(act_order=act_order), windows, torch.device("cpu"))
+    else:
+        layers = quantize_rtn(targets, spec)
+    meta = {
+        "method": method,
+        "base_model": {"spec": str(model_dir), "kind": "local", "location": str(model_dir)},
+        "quantization": {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "desc_act": act_order},
+        "recipe": {},
+        "provenance": {},
+        "metrics": {},
+    }
+    out.mkdir()
+    save_checkpoint(out, model, tokenizer, layers, meta)
+    return out

@@ -9,42 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qatcli.checkpoint import load_checkpoint, save_checkpoint
+from conftest import make_checkpoint
+from qatcli.checkpoint import load_checkpoint
 from qatcli.errors import QatcliError
 from qatcli.export import export_gptq
-from qatcli.gptq import GPTQConfig
-from qatcli.gptq_model import quantize_gptq
 from qatcli.grid import QuantSpec
 from qatcli.packed_model import PackedLinear, load_gptq_model
-from qatcli.rtn import quantize_rtn
-from qatcli.targets import find_targets
 
 CPU = torch.device("cpu")
-
-
-def make_checkpoint(model_dir: Path, out: Path, spec: QuantSpec, method: str, act_order: bool = False) -> Path:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    targets = find_targets(model, [], [])
-    if method == "gptq":
-        windows = torch.randint(0, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
-        layers, _ = quantize_gptq(model, targets, spec, GPTQConfig(act_order=act_order), windows, CPU)
-    else:
-        layers = quantize_rtn(targets, spec)
-    meta = {
-        "method": method,
-        "base_model": {"spec": str(model_dir), "kind": "local", "location": str(model_dir)},
-        "quantization": {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym, "desc_act": act_order},
-        "recipe": {},
-        "provenance": {},
-        "metrics": {},
-    }
-    out.mkdir()
-    save_checkpoint(out, model, tokenizer, layers, meta)
-    return out
-
 
 CASES = [(bits, sym, method) for bits in (2, 3, 4, 8) for sym in (True, False) for method in ("rtn", "gptq-act")]
 

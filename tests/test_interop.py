@@ -1,0 +1,44 @@
+"""An independent loader reads the export: transformers + optimum + GPTQModel on the CPU.
+
+transformers hands GPTQ checkpoints to optimum, which builds GPTQModel's quantized Linear layers and loads
+the packed tensors itself; nothing of qatcli is involved in that path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import make_checkpoint
+from qatcli.export import export_gptq
+from qatcli.grid import QuantSpec
+from qatcli.packed_model import load_gptq_model
+
+
+@pytest.mark.parametrize(
+    ("bits", "sym", "act_order"),
+    [(2, True, False), (3, True, True), (4, True, False), (8, True, False), (4, False, False)],
+)
+def test_transformers_with_gptqmodel_matches_qatcli(
+    tiny_model_dir: Path, tmp_path: Path, bits: int, sym: bool, act_order: bool
+) -> None:
+    ckpt = make_checkpoint(tiny_model_dir, tmp_path / "ckpt", QuantSpec(bits, 32, sym), "gptq", act_order)
+    out = tmp_path / "gptq"
+    out.mkdir()
+    export_gptq(ckpt, out, dtype="float16")
+
+    theirs = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    q_proj = theirs.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__module__.startswith("gptqmodel"), type(q_proj)
+    ours, _, _ = load_gptq_model(out, torch.device("cpu"))
+
+    ids = torch.randint(0, 500, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        their_logits = theirs(ids).logits.float()
+        our_logits = ours(ids).logits
+    rel = float((their_logits - our_logits).norm() / our_logits.norm())
+    print(f"bits={bits} sym={sym} act_order={act_order}: relative logits error {rel:.2e}")
+    assert rel <= 1e-2
