@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_checkpoint
 from safetensors.torch import load_file, save_file
 
-from conftest import make_checkpoint
 from qatcli.checkpoint import load_checkpoint
 from qatcli.errors import QatcliError
 from qatcli.export import export_gptq

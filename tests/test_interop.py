@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_checkpoint
 from transformers import AutoModelForCausalLM
 
-from conftest import make_checkpoint
 from qatcli.export import export_gptq
 from qatcli.grid import QuantSpec
 from qatcli.packed_model import load_gptq_model
