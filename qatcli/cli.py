@@ -157,6 +157,10 @@ def _quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # transformers imports torchao whenever it is installed (gptqmodel pulls it in); its import-time
+    # warnings about optional kernels say nothing about qatcli's work.
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def main(argv: list[str] | None = None) -> Any:
