@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--venv", type=Path, default=REPO / ".venv-gptqmodel")
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-gptqmodel")
+    parser.add_argument("--ckpt-dir", type=Path, default=REPO / "runs" / "bench-ptq", help="qatcli checkpoints go here")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "results.md")
     args = parser.parse_args()
 
@@ -71,7 +72,7 @@ def main() -> None:
     )
     rows = []
     for bits in args.bits:
-        ours = args.workdir / f"qatcli-w{bits}"
+        ours = args.ckpt_dir / f"gptq-w{bits}-g{args.group_size}"
         sh(
             [
                 sys.executable,
@@ -103,22 +104,6 @@ def main() -> None:
                 *window_flags[:2],
             ]
         )
-        ours_eval = args.workdir / f"qatcli-w{bits}-eval.json"
-        sh(
-            [
-                sys.executable,
-                "-m",
-                "qatcli",
-                "eval",
-                str(ours),
-                "--data",
-                args.eval_data,
-                *window_flags,
-                "--json",
-                str(ours_eval),
-                "--force",
-            ]
-        )
         theirs_json = args.workdir / f"gptqmodel-w{bits}.json"
         sh(
             [
@@ -145,18 +130,36 @@ def main() -> None:
             ],
             env=env,
         )
+        both_eval = args.workdir / f"w{bits}-eval.json"
+        # Both checkpoints through the same loader and windows: qatcli reads GPTQModel's directory packed.
+        sh(
+            [
+                sys.executable,
+                "-m",
+                "qatcli",
+                "eval",
+                str(ours),
+                str(args.workdir / f"gptqmodel-w{bits}"),
+                "--data",
+                args.eval_data,
+                *window_flags,
+                "--json",
+                str(both_eval),
+                "--force",
+            ]
+        )
         meta = json.loads((ours / "qatcli.json").read_text())
-        ours_row = json.loads(ours_eval.read_text())[0]
+        ours_row, theirs_row = json.loads(both_eval.read_text())
         theirs = json.loads(theirs_json.read_text())
         assert ours_row["windows"] == theirs["windows"] and ours_row["seqlen"] == theirs["seqlen"]
         rows.append(
             (
                 bits,
                 ours_row["ppl"],
+                theirs_row["ppl"],
                 theirs["ppl"],
                 meta["metrics"]["quantize_seconds"],
                 theirs["quantize_seconds"],
-                theirs.get("eval_route", ""),
             )
         )
 
@@ -169,15 +172,19 @@ def main() -> None:
         f"Model {args.model}; {args.nsamples} calibration windows x {args.seqlen} tokens of "
         f"`{Path(args.calib_data).name}` (identical for both); sym, group {args.group_size}, damp {args.damp}, "
         f"no act-order, true-sequential; GPTQModel in float32 with act_group_aware=False. Eval: "
-        f"`{Path(args.eval_data).name}`, {ours_row['windows']} windows x {args.seqlen}. GPTQModel eval route: "
-        f"{rows[0][5]}. Wall time = the quantize call alone (calibration forward included).",
+        f"`{Path(args.eval_data).name}`, {ours_row['windows']} windows x {args.seqlen}, both checkpoints "
+        "through `qatcli eval` (GPTQModel's directory read packed by qatcli's loader); the cross-check column is "
+        "benchmarks/gptqmodel_reference.py's own fp32 dequantization of GPTQModel's tensors. "
+        "Wall time = the quantize call alone (calibration forward included; loading and saving excluded).",
         "",
-        "| bits | qatcli ppl | GPTQModel ppl | qatcli s | GPTQModel s | qatcli / GPTQModel time |",
-        "|---|---|---|---|---|---|",
+        "| bits | qatcli ppl | GPTQModel ppl | GPTQModel ppl (cross-check) | qatcli s | GPTQModel s "
+        "| qatcli / GPTQModel time |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for bits, p_ours, p_theirs, t_ours, t_theirs, _ in rows:
+    for bits, p_ours, p_theirs, p_check, t_ours, t_theirs in rows:
         lines.append(
-            f"| {bits} | {p_ours:.3f} | {p_theirs:.3f} | {t_ours:.1f} | {t_theirs:.1f} | {t_ours / t_theirs:.2f} |"
+            f"| {bits} | {p_ours:.3f} | {p_theirs:.3f} | {p_check:.3f} | {t_ours:.1f} | {t_theirs:.1f} "
+            f"| {t_ours / t_theirs:.2f} |"
         )
     text = "\n".join(lines) + "\n"
     print(text)
