@@ -125,8 +125,10 @@ def export_gptq(
     qcfg = quantization_config(spec, report.fmt, meta.get("quantization", {}))
     qcfg["meta"]["qatcli_method"] = meta["method"]
     if report.dense:
-        # GPTQModel's per-module override: a "-:" pattern leaves the module unquantized (dense).
+        # GPTQModel and vLLM skip modules matched by a "-:" pattern in `dynamic`; optimum (the transformers
+        # path) instead converts only the modules named in `modules_in_block_to_quantize`.
         qcfg["dynamic"] = {f"-:^{re.escape(n)}$": {} for n in report.dense}
+        qcfg["modules_in_block_to_quantize"] = [report.packed]
     config = model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = dtype

@@ -78,6 +78,19 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, sotu: Path) -> Path
     return path
 
 
+@pytest.fixture(scope="session")
+def odd_width_model_dir(tmp_path_factory: pytest.TempPathFactory, sotu: Path) -> Path:
+    """A random Llama whose MLP width (80) is not a multiple of 32, so the GPTQ format cannot pack it."""
+    path = tmp_path_factory.mktemp("odd-llama")
+    tokenizer = build_tokenizer((sotu / "valid.txt").read_text()[:50_000], vocab_size=300)
+    config = tiny_llama_config(len(tokenizer))
+    config.intermediate_size = 80
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def run_cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:
     """Run the real command line in a fresh interpreter."""
     env = dict(os.environ)

@@ -136,3 +136,21 @@ def test_loader_refuses_mismatched_directories(tiny_model_dir: Path, tmp_path: P
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(QatcliError, match=message):
         load_gptq_model(out, CPU)
+
+
+def test_layers_the_format_cannot_hold_stay_dense(odd_width_model_dir: Path, tmp_path: Path) -> None:
+    """intermediate_size 80 is not a multiple of 32: gate/up/down stay dense, attention is packed."""
+    ckpt = make_checkpoint(odd_width_model_dir, tmp_path / "ckpt", QuantSpec(4, 16), "rtn")
+    out = tmp_path / "gptq"
+    out.mkdir()
+    report = export_gptq(ckpt, out, dtype="float32")
+    assert sorted({n.rsplit(".", 1)[1] for n in report.dense}) == ["down_proj", "gate_proj", "up_proj"]
+    assert sorted({n.rsplit(".", 1)[1] for n in report.packed}) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert len(qcfg["dynamic"]) == len(report.dense) and qcfg["modules_in_block_to_quantize"] == [report.packed]
+    reference, _, _, _ = load_checkpoint(ckpt, CPU)
+    packed, _, _ = load_gptq_model(out, CPU)
+    assert not isinstance(packed.model.layers[0].mlp.down_proj, PackedLinear)
+    ids = torch.arange(30).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.equal(packed(ids).logits, reference(ids).logits)

@@ -42,3 +42,21 @@ def test_transformers_with_gptqmodel_matches_qatcli(
     rel = float((their_logits - our_logits).norm() / our_logits.norm())
     print(f"bits={bits} sym={sym} act_order={act_order}: relative logits error {rel:.2e}")
     assert rel <= 1e-2
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_layers_left_dense_load_dense(odd_width_model_dir: Path, tmp_path: Path, bits: int) -> None:
+    ckpt = make_checkpoint(odd_width_model_dir, tmp_path / "ckpt", QuantSpec(bits, -1), "rtn")
+    out = tmp_path / "gptq"
+    out.mkdir()
+    report = export_gptq(ckpt, out)
+    assert report.dense
+    theirs = AutoModelForCausalLM.from_pretrained(out, device_map="cpu")
+    assert type(theirs.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    assert type(theirs.model.layers[0].self_attn.q_proj).__module__.startswith("gptqmodel")
+    ours, _, _ = load_gptq_model(out, torch.device("cpu"))
+    ids = torch.arange(30).unsqueeze(0)
+    with torch.no_grad():
+        their_logits = theirs(ids).logits.float()
+        our_logits = ours(ids).logits
+    assert float((their_logits - our_logits).norm() / our_logits.norm()) <= 1e-2
