@@ -91,6 +91,72 @@ def ptq(
     run_ptq(cfg, force)
 
 
+@app.command()
+def qat(
+    model: Annotated[str | None, typer.Argument(help="Model directory, hub id or built-in alias.")] = None,
+    recipe: RecipeOpt = None,
+    bits: Annotated[int | None, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = None,
+    group_size: Annotated[int | None, typer.Option(help="Input columns per group; -1 for one per row.")] = None,
+    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric (default) or asymmetric grid.")] = None,
+    estimator: Annotated[str | None, typer.Option(help="Backward of rounding: ste or fourier.")] = None,
+    amplitude: Annotated[list[float] | None, typer.Option(help="fourier amplitude A_k (repeatable; 0.21).")] = None,
+    init: Annotated[str | None, typer.Option(help="fp, rtn (default), gptq or a qatcli checkpoint.")] = None,
+    data: Annotated[str | None, typer.Option(help="Training data (same forms as eval data).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Optimizer steps (100).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Windows per micro-batch (4).")] = None,
+    seqlen: Annotated[int | None, typer.Option(help="Tokens per training window (256).")] = None,
+    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per step (1).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Learning rate of the latent weights (5e-5).")] = None,
+    scale_lr: Annotated[float | None, typer.Option(help="Learning rate of the scales (1e-4).")] = None,
+    loss: Annotated[str | None, typer.Option(help="kd (distill from fp, default) or ce.")] = None,
+    save_every: Annotated[int | None, typer.Option(help="Save the run's state every N steps (50).")] = None,
+    calib_data: Annotated[str | None, typer.Option(help="Calibration data for --init gptq.")] = None,
+    nsamples: Annotated[int | None, typer.Option(help="Calibration windows for --init gptq (128).")] = None,
+    eval_data: Annotated[str | None, typer.Option(help="Measure perplexity before and after on this data.")] = None,
+    max_windows: MaxWindowsOpt = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="Checkpoint directory to write.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run of this output.")] = False,
+    stop_after: Annotated[int | None, typer.Option(help="End this invocation after N steps (resume later).")] = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """Quantization-aware training into a qatcli checkpoint directory."""
+    from qatcli.commands.qat import run_qat
+
+    cfg = load_recipe(
+        recipe,
+        {
+            "model": model,
+            "output": output,
+            "device": device,
+            "seed": seed,
+            "quant.bits": bits,
+            "quant.group_size": group_size,
+            "quant.sym": sym,
+            "qat.estimator": estimator,
+            "qat.amplitudes": amplitude or None,
+            "qat.init": init,
+            "qat.data": data,
+            "qat.steps": steps,
+            "qat.batch_size": batch_size,
+            "qat.seqlen": seqlen,
+            "qat.grad_accum": grad_accum,
+            "qat.lr": lr,
+            "qat.scale_lr": scale_lr,
+            "qat.loss": loss,
+            "qat.save_every": save_every,
+            "calib.data": calib_data,
+            "calib.nsamples": nsamples,
+            "eval.data": eval_data,
+            "eval.max_windows": max_windows,
+        },
+    )
+    if stop_after is not None and stop_after < 1:
+        raise QatcliError(f"--stop-after must be positive, got {stop_after}")
+    run_qat(cfg, force, resume, stop_after)
+
+
 @app.command("eval")
 def eval_(
     models: Annotated[list[str] | None, typer.Argument(help="Models and/or qatcli checkpoints.")] = None,

@@ -20,6 +20,7 @@ from qatcli.grid import SUPPORTED_BITS
 
 PTQ_METHODS = ("rtn", "gptq")
 EXPORT_FORMATS = ("gptq", "gptq_v2")
+QAT_LOSSES = ("kd", "ce")
 EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 
 
@@ -54,6 +55,26 @@ class GPTQOptions:
 
 
 @dataclass
+class QATConfig:
+    estimator: str = "ste"  # ste | fourier
+    amplitudes: list[float] = field(default_factory=lambda: [0.21])  # fourier's A_k
+    init: str = "rtn"  # fp | rtn | gptq | path of a qatcli checkpoint
+    data: str | None = None  # training text (same forms as eval data)
+    steps: int = 100
+    batch_size: int = 4
+    seqlen: int = 256
+    grad_accum: int = 1
+    lr: float = 5e-5  # latent weights
+    scale_lr: float = 1e-4  # per-group scales
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    clip_grad: float = 1.0
+    loss: str = "kd"  # kd (distillation from the full-precision model) | ce (next-token cross-entropy)
+    save_every: int = 50
+
+
+@dataclass
 class EvalConfig:
     data: str | None = None
     seqlen: int = 512
@@ -79,6 +100,7 @@ class Recipe:
     quant: QuantConfig = field(default_factory=QuantConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
+    qat: QATConfig = field(default_factory=QATConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
 
@@ -155,6 +177,17 @@ def _check_values(recipe: Recipe) -> None:
     for key, value in positive.items():
         if value < 1:
             raise QatcliError(f"recipe: {key} must be positive, got {value}")
+    t = recipe.qat
+    if t.loss not in QAT_LOSSES:
+        raise QatcliError(f"recipe: qat.loss must be one of {', '.join(QAT_LOSSES)}, got '{t.loss}'")
+    for key in ("steps", "batch_size", "seqlen", "grad_accum", "save_every"):
+        if getattr(t, key) < 1:
+            raise QatcliError(f"recipe: qat.{key} must be positive, got {getattr(t, key)}")
+    for key in ("lr", "scale_lr", "clip_grad"):
+        if getattr(t, key) <= 0:
+            raise QatcliError(f"recipe: qat.{key} must be positive, got {getattr(t, key)}")
+    if t.warmup_steps < 0 or not 0 <= t.min_lr_ratio <= 1 or t.weight_decay < 0:
+        raise QatcliError("recipe: qat.warmup_steps and qat.weight_decay must be >= 0, qat.min_lr_ratio in [0, 1]")
     e = recipe.export
     if e.format is not None and e.format not in EXPORT_FORMATS:
         raise QatcliError(f"recipe: export.format must be one of {', '.join(EXPORT_FORMATS)}, got '{e.format}'")
