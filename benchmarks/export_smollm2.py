@@ -22,10 +22,8 @@ from safetensors import safe_open
 
 from qatcli.models import load_model, resolve_model
 
-REPO = Path(__file__).resolve().parents[1]
-SOTU = REPO.parent / "shared" / "data" / "sotu"
 sys.path.insert(0, str(Path(__file__).parent))
-from ptq_smollm2 import machine  # noqa: E402
+from common import REPO, SOTU, machine, publish
 
 
 def qatcli(*args: str) -> None:
@@ -148,9 +146,7 @@ def main() -> None:
             f"| {g_idx / 2**20:.2f} | {dense / 2**20:.2f} | {ck:.4f} | {e32:.4f} | {e16:.4f} |"
         )
     text = "\n".join(lines) + "\n"
-    print(text)
-    with args.results.open("a") as f:
-        f.write("\n" + text)
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

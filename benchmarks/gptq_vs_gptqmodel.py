@@ -25,10 +25,8 @@ from safetensors.torch import save_file
 from qatcli.data import calibration_windows, eval_windows, read_texts, tokenize_texts
 from qatcli.models import load_tokenizer, resolve_model
 
-REPO = Path(__file__).resolve().parents[1]
-SOTU = REPO.parent / "shared" / "data" / "sotu"
 sys.path.insert(0, str(Path(__file__).parent))
-from ptq_smollm2 import machine  # noqa: E402
+from common import REPO, SOTU, machine, publish
 
 
 def sh(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -187,9 +185,7 @@ def main() -> None:
             f"| {t_ours / t_theirs:.2f} |"
         )
     text = "\n".join(lines) + "\n"
-    print(text)
-    with args.results.open("a") as f:
-        f.write("\n" + text)
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shlex
 import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-SOTU = REPO.parent / "shared" / "data" / "sotu"
-
+sys.path.insert(0, str(Path(__file__).parent))
+from common import REPO, SOTU, machine, publish
 
 DEFAULT_CELLS = [f"rtn:{b}:64" for b in (8, 4, 3, 2)] + [
     f"{m}:{b}:{g}" for m, g in (("rtn", -1), ("gptq", 64), ("gptq", -1)) for b in (4, 3, 2)
@@ -37,20 +35,6 @@ def run(args: list[str]) -> None:
 
 def cell_dir(workdir: Path, method: str, bits: int, group: int) -> Path:
     return workdir / f"{method}-w{bits}-g{group}"
-
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU only ({cpu}, {_cores()} cores)"
-    return f"{platform.node()}: {dev}, torch {torch.__version__}"
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 def main() -> None:
@@ -113,9 +97,7 @@ def main() -> None:
             f"| {f'{ptq:.1f}' if ptq else '-'} | {r['seconds']:.1f} |"
         )
     text = "\n".join(lines) + "\n"
-    print(text)
-    with args.results.open("a") as f:
-        f.write("\n" + text)
+    publish(text, args.results)
 
 
 if __name__ == "__main__":

@@ -28,19 +28,24 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing out
 DataOpt = Annotated[str | None, typer.Option(help="Text file, .jsonl, hf:NAME[:CONFIG], wikitext2 or generated:N.")]
 SeqlenOpt = Annotated[int | None, typer.Option(help="Tokens per evaluation window (default 512).")]
 MaxWindowsOpt = Annotated[int | None, typer.Option(help="Evaluate at most this many windows.")]
+ModelArg = Annotated[str | None, typer.Argument(help="Model directory, hub id or built-in alias.")]
+BitsOpt = Annotated[int | None, typer.Option(help="Weight bits: 2, 3, 4 or 8.")]
+GroupSizeOpt = Annotated[int | None, typer.Option(help="Input columns per group; -1 for one per row.")]
+SymOpt = Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric (default) or asymmetric grid.")]
+OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Checkpoint directory to write.")]
 
 
 @app.command()
 def ptq(
-    model: Annotated[str | None, typer.Argument(help="Model directory, hub id or built-in alias.")] = None,
+    model: ModelArg = None,
     recipe: RecipeOpt = None,
     method: Annotated[str | None, typer.Option(help="Quantization method: rtn or gptq.")] = None,
-    bits: Annotated[int | None, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = None,
-    group_size: Annotated[int | None, typer.Option(help="Input columns per group; -1 for one per row.")] = None,
-    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric (default) or asymmetric grid.")] = None,
+    bits: BitsOpt = None,
+    group_size: GroupSizeOpt = None,
+    sym: SymOpt = None,
     include: Annotated[list[str] | None, typer.Option(help="Regex of layers to quantize (repeatable).")] = None,
     exclude: Annotated[list[str] | None, typer.Option(help="Regex of layers to keep in fp (repeatable).")] = None,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Checkpoint directory to write.")] = None,
+    output: OutputOpt = None,
     calib_data: Annotated[str | None, typer.Option(help="GPTQ calibration data (same forms as --eval-data).")] = None,
     nsamples: Annotated[int | None, typer.Option(help="GPTQ calibration windows (default 128).")] = None,
     seqlen: Annotated[int | None, typer.Option(help="Tokens per calibration and evaluation window (512).")] = None,
@@ -93,11 +98,11 @@ def ptq(
 
 @app.command()
 def qat(
-    model: Annotated[str | None, typer.Argument(help="Model directory, hub id or built-in alias.")] = None,
+    model: ModelArg = None,
     recipe: RecipeOpt = None,
-    bits: Annotated[int | None, typer.Option(help="Weight bits: 2, 3, 4 or 8.")] = None,
-    group_size: Annotated[int | None, typer.Option(help="Input columns per group; -1 for one per row.")] = None,
-    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric (default) or asymmetric grid.")] = None,
+    bits: BitsOpt = None,
+    group_size: GroupSizeOpt = None,
+    sym: SymOpt = None,
     estimator: Annotated[str | None, typer.Option(help="Backward of rounding: ste or fourier.")] = None,
     amplitude: Annotated[list[float] | None, typer.Option(help="fourier amplitude A_k (repeatable; 0.21).")] = None,
     init: Annotated[str | None, typer.Option(help="fp, rtn (default), gptq or a qatcli checkpoint.")] = None,
@@ -114,7 +119,7 @@ def qat(
     nsamples: Annotated[int | None, typer.Option(help="Calibration windows for --init gptq (128).")] = None,
     eval_data: Annotated[str | None, typer.Option(help="Measure perplexity before and after on this data.")] = None,
     max_windows: MaxWindowsOpt = None,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="Checkpoint directory to write.")] = None,
+    output: OutputOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run of this output.")] = False,
     stop_after: Annotated[int | None, typer.Option(help="End this invocation after N steps (resume later).")] = None,
     device: DeviceOpt = None,

@@ -5,21 +5,42 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from qatcli.checkpoint import fake_quantized, provenance, quantized_bytes, save_checkpoint
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from qatcli.checkpoint import LayerQuant, fake_quantized, provenance, quantized_bytes, save_checkpoint
 from qatcli.data import calibration_windows, check_data_spec, load_tokens
 from qatcli.errors import QatcliError
 from qatcli.evaluate import evaluate_on_data
 from qatcli.generated import generated_tokens
 from qatcli.gptq import GPTQConfig
-from qatcli.gptq_model import quantize_gptq
+from qatcli.gptq_model import GPTQStats, quantize_gptq
 from qatcli.grid import QuantSpec
-from qatcli.models import load_model, load_tokenizer, resolve_model
+from qatcli.models import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.outputs import atomic_dir, check_writable
 from qatcli.recipe import Recipe
 from qatcli.report import human_bytes, print_table
 from qatcli.rtn import quantize_rtn
 from qatcli.runtime import resolve_device, seed_everything
 from qatcli.targets import check_group_size, find_targets
+
+
+def gptq_from_recipe(
+    recipe: Recipe,
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    targets: dict[str, nn.Linear],
+    spec: QuantSpec,
+    ref: ModelRef,
+    device: torch.device,
+) -> tuple[dict[str, LayerQuant], GPTQStats]:
+    """GPTQ with the recipe's calibration windows and options (``ref`` samples ``generated:`` data)."""
+    c, o = recipe.calib, recipe.gptq
+    tokens = load_tokens(c.data, "calib", tokenizer, lambda g, p: generated_tokens(ref, g, p, recipe.seed, device))
+    windows = calibration_windows(tokens, c.nsamples, c.seqlen, recipe.seed)
+    cfg = GPTQConfig(damp=o.damp, block_size=o.block_size, act_order=o.act_order, static_groups=o.static_groups)
+    return quantize_gptq(model, targets, spec, cfg, windows, device, o.true_sequential, o.batch_size)
 
 
 def run_ptq(recipe: Recipe, force: bool) -> dict:
@@ -53,12 +74,7 @@ def run_ptq(recipe: Recipe, force: bool) -> dict:
     t0 = time.perf_counter()
     if q.method == "gptq":
         c, o = recipe.calib, recipe.gptq
-        tokens = load_tokens(
-            c.data, "calib", tokenizer, lambda gen, purpose: generated_tokens(ref, gen, purpose, recipe.seed, device)
-        )
-        windows = calibration_windows(tokens, c.nsamples, c.seqlen, recipe.seed)
-        cfg = GPTQConfig(damp=o.damp, block_size=o.block_size, act_order=o.act_order, static_groups=o.static_groups)
-        layers, stats = quantize_gptq(model, targets, spec, cfg, windows, device, o.true_sequential, o.batch_size)
+        layers, stats = gptq_from_recipe(recipe, model, tokenizer, targets, spec, ref, device)
         quantization.update(
             damp_percent=o.damp,
             desc_act=o.act_order,

@@ -27,14 +27,13 @@ from qatcli.checkpoint import (
     read_meta,
     save_checkpoint,
 )
-from qatcli.data import TrainBatches, calibration_windows, check_data_spec, load_tokens
+from qatcli.commands.ptq import gptq_from_recipe
+from qatcli.data import TrainBatches, check_data_spec, load_tokens
 from qatcli.errors import QatcliError
 from qatcli.estimators import Estimator, make_estimator
 from qatcli.evaluate import evaluate_on_data
 from qatcli.fake_quant import convert_qat, prepare_qat
 from qatcli.generated import generated_tokens
-from qatcli.gptq import GPTQConfig
-from qatcli.gptq_model import quantize_gptq
 from qatcli.grid import QuantSpec
 from qatcli.models import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.outputs import atomic_dir, check_writable, write_json_atomic
@@ -72,11 +71,7 @@ def _initial_model(
     targets = find_targets(model, recipe.quant.include, recipe.quant.exclude)
     check_group_size(targets, spec)
     if init == "gptq":
-        c, o = recipe.calib, recipe.gptq
-        tokens = load_tokens(c.data, "calib", tokenizer, lambda g, p: generated_tokens(ref, g, p, recipe.seed, device))
-        windows = calibration_windows(tokens, c.nsamples, c.seqlen, recipe.seed)
-        cfg = GPTQConfig(damp=o.damp, block_size=o.block_size, act_order=o.act_order, static_groups=o.static_groups)
-        layers, _ = quantize_gptq(model, targets, spec, cfg, windows, device, o.true_sequential, o.batch_size)
+        layers, _ = gptq_from_recipe(recipe, model, tokenizer, targets, spec, ref, device)
     else:
         layers = quantize_rtn(targets, spec)
         if init == "rtn":
