@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from qatcli.errors import QatcliError
 from qatcli.outputs import atomic_dir
@@ -107,7 +107,6 @@ def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
 def load_model(ref: ModelRef, device: torch.device) -> nn.Module:
     """Load the model in float32 (quantization and eval are done in fp32) on ``device``, in eval mode."""
     try:
-        AutoConfig.from_pretrained(ref.location)
         model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=torch.float32)
     except (OSError, ValueError) as err:
         where = "from the Hugging Face hub" if ref.kind == "hub" else f"from '{ref.location}'"

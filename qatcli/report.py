@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,11 +17,10 @@ console = _probe if _probe.is_terminal else Console(width=200)
 def human_bytes(n: int | None) -> str:
     if n is None:
         return "-"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
+    if n < 1024:
+        return f"{n} B"
+    exponent = min(int(math.log(n, 1024)), 3)
+    return f"{n / 1024**exponent:.2f} {('B', 'KiB', 'MiB', 'GiB')[exponent]}"
 
 
 def fmt(value: Any) -> str:
