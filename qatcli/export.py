@@ -12,12 +12,16 @@ from safetensors.torch import save_file
 
 from qatcli.checkpoint import load_checkpoint
 from qatcli.errors import QatcliError
-from qatcli.gptq_format import can_pack, pack_layer, quantization_config
+from qatcli.gptq_format import (
+    DENSE_DTYPES,
+    SAFETENSORS_INDEX,
+    TENSOR_SUFFIXES,
+    can_pack,
+    pack_layer,
+    quantization_config,
+)
 from qatcli.grid import QuantSpec, quantize
 from qatcli.progress import progress_bar
-
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 @dataclass
@@ -87,7 +91,7 @@ def export_gptq(
     model, tokenizer, meta, layers = load_checkpoint(checkpoint, torch.device("cpu"), fake_quant=False)
     spec = _common_spec(layers)
     report = ExportReport(choose_format(spec, fmt, v1_clamp_zeros))
-    target_dtype = DTYPES[dtype]
+    target_dtype = DENSE_DTYPES[dtype]
     modules = dict(model.named_modules())
 
     tensors: dict[str, torch.Tensor] = {}
@@ -111,7 +115,7 @@ def export_gptq(
             out_f, in_f = weight.shape
             if can_pack(in_f, out_f):
                 packed = pack_layer(codes, lq.scales, zeros, lq.g_idx, spec.bits, report.fmt)
-                for key in ("qweight", "qzeros", "scales", "g_idx"):
+                for key in TENSOR_SUFFIXES:
                     tensors[f"{name}.{key}"] = getattr(packed, key)
                 if f"{name}.bias" in tensors:
                     tensors[f"{name}.bias"] = tensors[f"{name}.bias"].to(torch.float16)

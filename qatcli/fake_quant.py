@@ -18,7 +18,7 @@ from torch import nn
 
 from qatcli.checkpoint import LayerQuant, make_layer_quant
 from qatcli.estimators import Estimator
-from qatcli.grid import QuantSpec, round_to_grid, to_fp16_grid
+from qatcli.grid import round_to_grid, to_fp16_grid
 
 
 class _FakeQuantize(torch.autograd.Function):
@@ -107,7 +107,3 @@ def convert_qat(model: nn.Module, fakes: dict[str, FakeQuantLinear]) -> dict[str
         _swap(model, name, linear)
         layers[name] = fake.layer_quant()
     return layers
-
-
-def spec_of(layers: dict[str, LayerQuant]) -> QuantSpec:
-    return next(iter(layers.values())).spec

@@ -26,6 +26,9 @@ from qatcli.packing import pack, unpack
 
 FORMATS = ("gptq", "gptq_v2")
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# dtypes the tensors that stay dense (embeddings, norms, lm_head) may be written in
+DENSE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 @dataclass

@@ -18,10 +18,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from qatcli.errors import QatcliError
-from qatcli.gptq_format import FORMATS, PackedLayer, unpack_layer
+from qatcli.gptq_format import FORMATS, SAFETENSORS_INDEX, TENSOR_SUFFIXES, PackedLayer, unpack_layer
 from qatcli.grid import SUPPORTED_BITS, dequantize
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 class PackedLinear(nn.Module):
@@ -32,7 +30,7 @@ class PackedLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.bits, self.fmt = in_features, out_features, bits, fmt
-        for key in ("qweight", "qzeros", "scales", "g_idx"):
+        for key in TENSOR_SUFFIXES:
             self.register_buffer(key, getattr(packed, key))
         self.register_buffer("bias", bias)
 
@@ -132,7 +130,7 @@ def load_gptq_model(directory: Path, device: torch.device) -> tuple[nn.Module, P
         group_size = qcfg.get("group_size", -1)
         groups = in_f // group_size if group_size not in (-1, None) else 1
         try:
-            packed = PackedLayer(*(tensors.pop(f"{name}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")))
+            packed = PackedLayer(*(tensors.pop(f"{name}.{k}") for k in TENSOR_SUFFIXES))
         except KeyError as err:
             raise QatcliError(f"'{directory}': '{name}' lacks {err.args[0]}") from err
         _expect(directory, f"{name}.qweight", packed.qweight, torch.int32, (in_f * bits // 32, out_f))
@@ -149,10 +147,7 @@ def load_gptq_model(directory: Path, device: torch.device) -> tuple[nn.Module, P
     state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     packed_buffers = {
-        f"{n}.{k}"
-        for n, m in model.named_modules()
-        if isinstance(m, PackedLinear)
-        for k in ("qweight", "qzeros", "scales", "g_idx", "bias")
+        f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, PackedLinear) for k in (*TENSOR_SUFFIXES, "bias")
     }
     missing = [m for m in missing if m not in packed_buffers and not (tied and m == "lm_head.weight")]
     if missing or unexpected:

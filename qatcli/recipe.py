@@ -16,12 +16,13 @@ from typing import Any
 import yaml
 
 from qatcli.errors import QatcliError
+from qatcli.gptq_format import DENSE_DTYPES, FORMATS
 from qatcli.grid import SUPPORTED_BITS
 
 PTQ_METHODS = ("rtn", "gptq")
-EXPORT_FORMATS = ("gptq", "gptq_v2")
+EXPORT_FORMATS = FORMATS
 QAT_LOSSES = ("kd", "ce")
-EXPORT_DTYPES = ("float16", "bfloat16", "float32")
+EXPORT_DTYPES = tuple(DENSE_DTYPES)
 
 
 @dataclass
