@@ -30,13 +30,13 @@ class _FakeQuantize(torch.autograd.Function):
         z: torch.Tensor,
         g_idx: torch.Tensor,
         maxq: int,
-        estimator: Estimator,
+        layer: FakeQuantLinear,
         scale_grad_factor: float,
     ) -> torch.Tensor:
         s_col, z_col = s[:, g_idx], z[:, g_idx]
         q = round_to_grid(w, s_col, z_col, maxq)
         ctx.save_for_backward(w, s_col, z_col, g_idx)
-        ctx.maxq, ctx.estimator, ctx.factor, ctx.groups = maxq, estimator, scale_grad_factor, s.shape[1]
+        ctx.maxq, ctx.layer, ctx.factor, ctx.groups = maxq, layer, scale_grad_factor, s.shape[1]
         return s_col * (q - z_col)
 
     @staticmethod
@@ -45,7 +45,7 @@ class _FakeQuantize(torch.autograd.Function):
         v = w / s_col
         r = torch.round(v) + z_col
         inside = (r >= 0) & (r <= ctx.maxq)
-        grad_w = grad * ctx.estimator.factor(v) * inside
+        grad_w = grad * ctx.layer.estimator.factor(v, ctx.layer) * inside
         level = torch.clamp(r, 0, ctx.maxq) - z_col
         grad_s_elem = grad * torch.where(inside, torch.round(v) - v, level)
         grad_s = torch.zeros(w.shape[0], ctx.groups, device=w.device, dtype=grad.dtype)
@@ -54,8 +54,9 @@ class _FakeQuantize(torch.autograd.Function):
 
 
 class FakeQuantLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, lq: LayerQuant, estimator: Estimator) -> None:
+    def __init__(self, linear: nn.Linear, lq: LayerQuant, estimator: Estimator, name: str = "") -> None:
         super().__init__()
+        self.name = name  # the layer's name in the model: estimators with per-layer state key on it
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
@@ -72,9 +73,7 @@ class FakeQuantLinear(nn.Module):
 
     def quantized_weight(self) -> torch.Tensor:
         s = self.scales + (to_fp16_grid(self.scales) - self.scales).detach()
-        return _FakeQuantize.apply(
-            self.weight, s, self.zeros, self.g_idx, self.spec.maxq, self.estimator, self.scale_grad_factor
-        )
+        return _FakeQuantize.apply(self.weight, s, self.zeros, self.g_idx, self.spec.maxq, self, self.scale_grad_factor)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
@@ -92,7 +91,7 @@ def prepare_qat(model: nn.Module, layers: dict[str, LayerQuant], estimator: Esti
     """Replace each layer in ``layers`` by a FakeQuantLinear sharing its weight; return them by name."""
     fakes = {}
     for name, lq in layers.items():
-        fakes[name] = FakeQuantLinear(model.get_submodule(name), lq, estimator)
+        fakes[name] = FakeQuantLinear(model.get_submodule(name), lq, estimator, name)
         _swap(model, name, fakes[name])
     return fakes
 

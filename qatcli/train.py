@@ -22,8 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatcli.data import TrainBatches
+from qatcli.estimators import Estimator
 from qatcli.fake_quant import FakeQuantLinear
 from qatcli.progress import progress_bar
+from qatcli.variance_reduction import GradientCorrection
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
@@ -41,6 +43,8 @@ class TrainSettings:
     grad_accum: int
     loss: str  # "ce" | "kd"
     save_every: int
+    variance_reduction: bool = False
+    vr_gamma: float = 0.025
 
 
 def lr_factor(step: int, s: TrainSettings) -> float:
@@ -68,13 +72,14 @@ class Trainer:
         self,
         model: nn.Module,
         fakes: dict[str, FakeQuantLinear],
+        estimator: Estimator,
         teacher: nn.Module | None,
         batches: TrainBatches,
         settings: TrainSettings,
         device: torch.device,
         workdir: Path,
     ) -> None:
-        self.model, self.fakes, self.teacher = model, fakes, teacher
+        self.model, self.fakes, self.estimator, self.teacher = model, fakes, estimator, teacher
         self.batches, self.s, self.device, self.workdir = batches, settings, device, workdir
         for p in model.parameters():
             p.requires_grad_(False)
@@ -89,6 +94,10 @@ class Trainer:
             ]
         )
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, settings))
+        beta1 = self.optimizer.defaults["betas"][0]
+        self.correction = (
+            GradientCorrection(weights + scales, settings.vr_gamma, beta1) if settings.variance_reduction else None
+        )
         self.step = 0
 
     def _trainable(self) -> dict[str, torch.Tensor]:
@@ -105,6 +114,8 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.batches.state_dict(),
+            "estimator": self.estimator.state_dict(),
+            "correction": None if self.correction is None else self.correction.state_dict(),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
@@ -121,6 +132,9 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
+        self.estimator.load_state_dict(state["estimator"])
+        if self.correction is not None:
+            self.correction.load_state_dict(state["correction"])
         torch.set_rng_state(state["rng"])
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -147,12 +161,15 @@ class Trainer:
             while self.step < last:
                 t0 = time.perf_counter()
                 total = 0.0
+                self.estimator.before_step(self.step)
                 for _ in range(self.s.grad_accum):
                     ids = self.batches.next_batch().to(self.device)
                     loss = self._loss(ids) / self.s.grad_accum
                     loss.backward()
                     total += float(loss)
                     tokens_done += ids.numel()
+                if self.correction is not None:
+                    self.correction.apply()
                 params = [p for group in self.optimizer.param_groups for p in group["params"]]
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.s.clip_grad))
                 self.optimizer.step()

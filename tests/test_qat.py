@@ -77,8 +77,18 @@ def test_qat_trains_and_exports_exactly(tiny_model_dir: Path, sotu: Path, tmp_pa
         assert torch.equal(packed(ids).logits, reference(ids).logits)
 
 
-def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny_model_dir: Path, sotu: Path, tmp_path: Path) -> None:
-    common = ("--estimator", "ste", "--steps", "6", "--save-every", "2", "--loss", "ce")
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        ("--estimator", "ste"),
+        # B is refreshed at steps 0, 2, 4: the stop after step 3 falls between refreshes
+        ("--estimator", "jacobian", "--set", "qat.jacobian.update_every=2", "--variance-reduction"),
+    ],
+)
+def test_stopped_and_resumed_run_equals_an_uninterrupted_one(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path, estimator: tuple[str, ...]
+) -> None:
+    common = (*estimator, "--steps", "6", "--save-every", "2", "--loss", "ce")
     straight = tmp_path / "straight"
     assert run_cli(*qat_args(tiny_model_dir, sotu, straight, *common)).returncode == 0
 
@@ -109,6 +119,9 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(tiny_model_dir: Pat
         (["--loss", "mse"], "qat.loss must be one of kd, ce"),
         (["--steps", "0"], "qat.steps must be positive"),
         (["--resume"], "nothing to resume"),
+        (["--estimator", "jacobian", "--set", "qat.jacobian.blend=2"], "jacobian: blend must be in"),
+        (["--set", "qat.jacobian.nope=1"], "unknown key 'qat.jacobian.nope'"),
+        (["--set", "blend"], "--set takes KEY=VALUE"),
     ],
 )
 def test_bad_qat_input(tiny_model_dir: Path, sotu: Path, tmp_path: Path, extra: list[str], fragment: str) -> None:

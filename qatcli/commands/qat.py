@@ -6,6 +6,7 @@ appears at ``<output>`` only when training completes, and the working directory 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import time
@@ -50,7 +51,11 @@ BEFORE_FILE = "before.json"
 
 
 def _estimator(recipe: Recipe) -> Estimator:
-    options = {"amplitudes": recipe.qat.amplitudes} if recipe.qat.estimator == "fourier" else {}
+    options: dict[str, object] = {}
+    if recipe.qat.estimator == "fourier":
+        options = {"amplitudes": recipe.qat.amplitudes}
+    elif recipe.qat.estimator == "jacobian":
+        options = {**dataclasses.asdict(recipe.qat.jacobian), "seed": recipe.seed}
     return make_estimator(recipe.qat.estimator, **options)
 
 
@@ -77,6 +82,13 @@ def _initial_model(
         if init == "rtn":
             apply_fake_quant(model, layers)  # latent weights start on their grid points
     return model, tokenizer, layers, ref
+
+
+def _run_calibration(model: nn.Module, tokens: torch.Tensor, recipe: Recipe, device: torch.device) -> None:
+    """Forward passes over training windows (drawn apart from the training order) for estimators that calibrate."""
+    batches = TrainBatches(tokens, recipe.qat.seqlen, recipe.qat.batch_size, recipe.seed + 1)
+    for _ in range(recipe.qat.jacobian.calib_batches):
+        model(batches.next_batch().to(device), use_cache=False)
 
 
 def _check_inputs(recipe: Recipe) -> None:
@@ -139,7 +151,9 @@ def run_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -
             write_json_atomic(workdir / BEFORE_FILE, before)
     setup_seconds = time.perf_counter() - t0
 
-    fakes = prepare_qat(model, layers, _estimator(recipe))
+    estimator = _estimator(recipe)
+    fakes = prepare_qat(model, layers, estimator)
+    estimator.setup(fakes, lambda: _run_calibration(model, tokens, recipe, device))
     settings = TrainSettings(
         steps=t.steps,
         lr=t.lr,
@@ -151,8 +165,10 @@ def run_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -
         grad_accum=t.grad_accum,
         loss=t.loss,
         save_every=t.save_every,
+        variance_reduction=t.variance_reduction,
+        vr_gamma=t.vr_gamma,
     )
-    trainer = Trainer(model, fakes, teacher, batches, settings, device, workdir)
+    trainer = Trainer(model, fakes, estimator, teacher, batches, settings, device, workdir)
     if resume:
         trainer.load_state()
         stderr_console.print(f"resuming at step {trainer.step} of {t.steps}")
@@ -198,7 +214,13 @@ def run_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -
             "sym": spec.sym,
             "desc_act": any(lq.act_order for lq in layers.values()),
         },
-        "qat": {"estimator": _estimator(recipe).describe(), "init": t.init, "loss": t.loss, "steps": t.steps},
+        "qat": {
+            "estimator": estimator.describe(),
+            "init": t.init,
+            "loss": t.loss,
+            "steps": t.steps,
+            "variance_reduction": {"gamma": t.vr_gamma} if t.variance_reduction else None,
+        },
         "recipe": recipe.to_dict(),
         "provenance": provenance("qat", device, recipe.seed),
         "metrics": metrics,

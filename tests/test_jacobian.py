@@ -1,0 +1,163 @@
+"""The jacobian estimator: Dither and Probe against their definitions, B's shape and range, ste when B = 1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from qatcli.checkpoint import make_layer_quant
+from qatcli.errors import QatcliError
+from qatcli.estimators import Jacobian, make_estimator
+from qatcli.estimators.jacobian import dither_slope, group_mean, group_order, probe_slope
+from qatcli.fake_quant import FakeQuantLinear, prepare_qat
+from qatcli.grid import QuantSpec, default_g_idx, fake_quantize_dense, group_qparams
+
+
+def grid_quantizer(s: torch.Tensor, z: torch.Tensor, maxq: int):
+    return lambda x: fake_quantize_dense(x, s, z, maxq)
+
+
+@pytest.mark.parametrize("width", [0.5, 1.5])
+def test_dither_closed_form_equals_monte_carlo_slope(width: float) -> None:
+    s, z, maxq = torch.tensor(0.2), torch.tensor(2.0), 3
+    q = grid_quantizer(s, z, maxq)
+    # v = w / s: inside, next to a boundary, at a grid point, and clamped at either end
+    v = torch.tensor([0.0, 0.3, 0.9, -1.2, -0.45, 1.1, 2.4, -3.0])
+    w = v * s
+    gen = torch.Generator().manual_seed(0)
+    u = (torch.rand(400_000, 1, generator=gen) - 0.5) * width * s
+    h = 0.02 * s
+    mc = (q(w + h + u) - q(w - h + u)).mean(0) / (2 * h)  # slope of E_u[Q(w + u)], common random numbers
+    closed = dither_slope(q, w, s, width)
+    torch.testing.assert_close(closed, mc, atol=0.04, rtol=0.03)
+    assert closed[0] == 0 if width < 1 else closed[0] > 0  # a grid point is out of reach of a narrow dither
+
+
+def test_probe_of_the_identity_quantizer_is_one() -> None:
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(8, 32, generator=gen)
+    s = torch.rand(8, 32, generator=gen) + 0.1
+    x = torch.randn(100, 32, generator=gen)
+    g_idx = torch.randperm(32, generator=gen) % 4  # scattered groups, as act-order makes them
+    order = group_order(g_idx)
+    xs = x[:, order].reshape(100, 4, 8)
+    gram = torch.einsum("ngi,ngj->gij", xs, xs)
+    b = probe_slope(lambda t: t, w, s, gram, order, 0.5, 3, gen)
+    assert b.shape == (8, 4)
+    torch.testing.assert_close(b, torch.ones(8, 4))
+
+
+def test_probe_is_zero_when_no_weight_can_move() -> None:
+    s, z = torch.full((4, 16), 0.1), torch.full((4, 16), 1.0)
+    w = (torch.randint(-1, 2, (4, 16)).float()) * 0.1  # exactly on grid points
+    gram = torch.eye(8).expand(2, 8, 8).contiguous()
+    b = probe_slope(grid_quantizer(s, z, 3), w, s, gram, torch.arange(16), 0.4, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(b, torch.zeros(4, 2))
+
+
+def test_group_mean_follows_g_idx() -> None:
+    x = torch.arange(8.0).reshape(1, 8)
+    g_idx = torch.tensor([1, 0, 1, 0, 1, 0, 1, 0])
+    assert group_mean(x, g_idx, 2).tolist() == [[4.0, 3.0]]
+
+
+def jacobian_layer(spec: QuantSpec, **options) -> tuple[FakeQuantLinear, torch.Tensor]:
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 16, bias=False)
+    with torch.no_grad():
+        linear.weight.mul_(3)
+    lq = make_layer_quant(spec, *group_qparams(linear.weight.detach(), spec), default_g_idx(64, spec.group_size))
+    layer = FakeQuantLinear(linear, lq, make_estimator("jacobian", **options), "layer")
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
+    layer.estimator.setup({"layer": layer}, lambda: layer(x))
+    return layer, x
+
+
+def grads(layer: FakeQuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    layer.zero_grad()
+    (layer(x) ** 2).sum().backward()
+    return layer.weight.grad.clone(), layer.scales.grad.clone()
+
+
+@pytest.mark.parametrize("bits", [2, 4])
+def test_jacobian_with_b_fixed_at_one_is_ste(bits: int) -> None:
+    spec = QuantSpec(bits, 16)
+    layer, x = jacobian_layer(spec, clip_min=1.0, clip_max=1.0, update_every=1)
+    layer.estimator.before_step(0)
+    got = grads(layer, x)
+    layer.estimator = make_estimator("ste")
+    expected = grads(layer, x)
+    assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("blend", [0.0, 0.5, 1.0])
+def test_b_has_the_group_shape_stays_in_range_and_scales_the_gradient(blend: float) -> None:
+    spec = QuantSpec(2, 16)
+    layer, x = jacobian_layer(spec, blend=blend, clip_min=0.2, clip_max=1.5, update_every=2, ema=0.5)
+    est = layer.estimator
+    for step in range(5):
+        est.before_step(step)
+        b = est.b["layer"]
+        assert b.shape == layer.scales.shape and b.min() >= 0.2 and b.max() <= 1.5
+    assert est.refreshes == 3 and bool(est.grams) == (blend < 1)
+    assert not torch.allclose(b, torch.ones_like(b))  # it measured something
+    got, _ = grads(layer, x)
+    layer.estimator = make_estimator("ste")
+    ste, _ = grads(layer, x)
+    torch.testing.assert_close(got, ste * b[:, layer.g_idx])
+
+
+def test_ema_smooths_refreshes() -> None:
+    layer, _ = jacobian_layer(QuantSpec(2, 16), ema=0.75, update_every=1)
+    est = layer.estimator
+    est.before_step(0)
+    first = est.b["layer"].clone()
+    with torch.no_grad():
+        layer.weight.add_(0.3 * torch.randn_like(layer.weight))
+    fresh = est.estimate("layer", layer, 1)
+    est.before_step(1)
+    torch.testing.assert_close(est.b["layer"], 0.75 * first + 0.25 * fresh)
+
+
+def test_state_round_trip() -> None:
+    layer, _ = jacobian_layer(QuantSpec(2, 16), update_every=1)
+    layer.estimator.before_step(0)
+    state = layer.estimator.state_dict()
+    other = Jacobian(update_every=1)
+    other.setup({"layer": layer}, lambda: None)
+    other.load_state_dict(state)
+    assert torch.equal(other.b["layer"], layer.estimator.b["layer"]) and other.refreshes == 1
+    assert torch.equal(other.grams["layer"], layer.estimator.grams["layer"])
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"blend": 1.5}, "blend must be in"),
+        ({"clip_min": 2.0, "clip_max": 1.0}, "clip_min <= clip_max"),
+        ({"update_every": 0}, "update_every must be positive"),
+        ({"ema": 1.0}, "ema must be in"),
+        ({"dither_width": 0.0}, "dither_width must be positive"),
+    ],
+)
+def test_invalid_settings_are_refused(options: dict, message: str) -> None:
+    with pytest.raises(QatcliError, match=message):
+        make_estimator("jacobian", **options)
+
+
+def test_prepare_qat_names_the_layers() -> None:
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    spec = QuantSpec(2, 16)
+    layers = {
+        n: make_layer_quant(spec, *group_qparams(model.get_submodule(n).weight.detach(), spec), default_g_idx(32, 16))
+        for n in ("0", "2")
+    }
+    est = make_estimator("jacobian", update_every=1)
+    fakes = prepare_qat(model, layers, est)
+    x = torch.randn(16, 32)
+    est.setup(fakes, lambda: model(x))
+    est.before_step(0)
+    assert set(est.b) == {"0", "2"} and est.grams["0"].shape == (2, 16, 16)
+    model(x).sum().backward()
+    assert model[0].weight.grad is not None
