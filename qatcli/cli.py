@@ -221,6 +221,25 @@ def export(
     run_export(cfg, checkpoint, force)
 
 
+@app.command()
+def compare(
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="YAML recipe with a compare section.")],
+    output: Annotated[
+        str | None, typer.Option("--output", "-o", help="Directory of the comparison (default: the recipe's output).")
+    ] = None,
+    max_windows: MaxWindowsOpt = None,
+    device: DeviceOpt = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Start over: delete the earlier results in the output directory.")
+    ] = False,
+) -> None:
+    """Run a matrix of methods x bit widths on one model (finished cells are reused) into one table."""
+    from qatcli.commands.compare import run_compare
+
+    cfg = load_recipe(recipe, {"output": output, "device": device, "eval.max_windows": max_windows})
+    run_compare(cfg, recipe, force)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import transformers

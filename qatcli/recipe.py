@@ -22,6 +22,7 @@ from qatcli.grid import SUPPORTED_BITS
 PTQ_METHODS = ("rtn", "gptq")
 EXPORT_FORMATS = FORMATS
 QAT_LOSSES = ("kd", "ce")
+COMPARE_METHODS = ("rtn", "gptq", "qat")
 EXPORT_DTYPES = tuple(DENSE_DTYPES)
 
 
@@ -93,6 +94,30 @@ class ExportConfig:
 
 
 @dataclass
+class CompareMethod:
+    """One entry of ``compare.methods``: a method and the values it is run with (a list: one cell each).
+
+    A value left out comes from the compare section, then from the recipe's quant and qat sections.
+    """
+
+    method: str = "rtn"  # rtn | gptq | qat
+    bits: int | list[int] | None = None
+    group_size: int | list[int] | None = None
+    estimator: str | list[str] | None = None  # qat only; passed to the qat recipe unchanged
+    init: str | list[str] | None = None  # qat only: fp | rtn | gptq | a qatcli checkpoint
+    steps: int | None = None  # qat only
+
+
+@dataclass
+class CompareConfig:
+    """The matrix of `qatcli compare`: every method entry by its bit widths and group sizes."""
+
+    bits: list[int] | None = None  # default for entries without bits (else quant.bits)
+    group_size: list[int] | None = None  # default for entries without group_size (else quant.group_size)
+    methods: list[CompareMethod] = field(default_factory=list)
+
+
+@dataclass
 class Recipe:
     model: str | None = None
     output: str | None = None
@@ -104,6 +129,7 @@ class Recipe:
     qat: QATConfig = field(default_factory=QATConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -115,7 +141,10 @@ def _type_name(tp: Any) -> str:
         return names[tp]
     origin = typing.get_origin(tp)
     if origin is list:
-        return "a list of " + _type_name(typing.get_args(tp)[0]).split(" ", 1)[1] + "s"
+        (item,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item):
+            return "a list of mappings"
+        return "a list of " + _type_name(item).split(" ", 1)[1] + "s"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a) if a is not type(None) else "null" for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
@@ -141,6 +170,15 @@ def _matches(value: Any, tp: Any) -> bool:
     raise TypeError(f"unsupported recipe field type {tp}")
 
 
+def _dataclass_items(tp: Any) -> type | None:
+    """The item class of a ``list[SomeDataclass]`` field, else None."""
+    if typing.get_origin(tp) is list:
+        (item,) = typing.get_args(tp)
+        if dataclasses.is_dataclass(item):
+            return item
+    return None
+
+
 def _build(cls: type, data: Any, where: str) -> Any:
     if not isinstance(data, dict):
         raise QatcliError(f"recipe: {where or 'the recipe'} must be a mapping, got {type(data).__name__}")
@@ -154,6 +192,10 @@ def _build(cls: type, data: Any, where: str) -> Any:
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value, dotted)
+        elif _dataclass_items(tp) is not None:
+            if not isinstance(value, list):
+                raise QatcliError(f"recipe: {dotted} must be {_type_name(tp)}, got {value!r}")
+            kwargs[key] = [_build(_dataclass_items(tp), v, f"{dotted}[{i}]") for i, v in enumerate(value)]
         elif not _matches(value, tp):
             raise QatcliError(f"recipe: {dotted} must be {_type_name(tp)}, got {value!r}")
         else:
@@ -202,6 +244,41 @@ def _check_values(recipe: Recipe) -> None:
         raise QatcliError(f"recipe: eval.seqlen must be positive, got {recipe.eval.seqlen}")
     if recipe.eval.max_windows is not None and recipe.eval.max_windows < 1:
         raise QatcliError(f"recipe: eval.max_windows must be positive, got {recipe.eval.max_windows}")
+    _check_compare(recipe.compare)
+
+
+def as_list(value: Any) -> list[Any]:
+    """A compare value that may be given as one value or a list of them."""
+    return value if isinstance(value, list) else [value]
+
+
+def _check_compare(c: CompareConfig) -> None:
+    for bits in c.bits or []:
+        if bits not in SUPPORTED_BITS:
+            raise QatcliError(f"recipe: compare.bits must hold {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
+    for i, m in enumerate(c.methods):
+        where = f"compare.methods[{i}]"
+        if m.method not in COMPARE_METHODS:
+            raise QatcliError(f"recipe: {where}.method must be one of {', '.join(COMPARE_METHODS)}, got '{m.method}'")
+        for bits in as_list(m.bits) if m.bits is not None else []:
+            if bits not in SUPPORTED_BITS:
+                raise QatcliError(f"recipe: {where}.bits must hold {', '.join(map(str, SUPPORTED_BITS))}, got {bits}")
+        groups = (as_list(m.group_size) if m.group_size is not None else []) + (c.group_size or [])
+        for group in groups:
+            if group != -1 and group < 1:
+                raise QatcliError(f"recipe: group sizes in compare must be -1 (per row) or positive, got {group}")
+        for key in ("bits", "group_size", "estimator", "init"):
+            if getattr(m, key) == []:
+                raise QatcliError(f"recipe: {where}.{key} is an empty list")
+        if m.method != "qat":
+            for key in ("estimator", "init", "steps"):
+                if getattr(m, key) is not None:
+                    raise QatcliError(f"recipe: {where}.{key} applies to method qat only, not {m.method}")
+        if m.steps is not None and m.steps < 1:
+            raise QatcliError(f"recipe: {where}.steps must be positive, got {m.steps}")
+    for key in ("bits", "group_size"):
+        if getattr(c, key) == []:
+            raise QatcliError(f"recipe: compare.{key} is an empty list")
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,0 +1,124 @@
+"""The cells of `qatcli compare`: the compare section expanded, each cell's recipe, and what makes it reusable.
+
+A cell is one run of one method at one bit width and group size (and, for QAT, one estimator, init and step
+count). Its recipe is the compare recipe's shared sections with the cell's values put in. Two keys decide
+what an earlier run of the cell can still be used for: the checkpoint key (everything its checkpoint depends
+on) and the evaluation key (the windows it is evaluated on and how it is exported).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from qatcli.errors import QatcliError
+from qatcli.recipe import Recipe, as_list, load_recipe
+
+PTQ_CELL_METHODS = ("rtn", "gptq")
+
+
+@dataclass(frozen=True)
+class Cell:
+    method: str  # rtn | gptq | qat
+    bits: int
+    group_size: int
+    estimator: str | None = None  # qat only, passed to the qat recipe as it is
+    init: str | None = None  # qat only
+    steps: int | None = None  # qat only
+
+    @property
+    def name(self) -> str:
+        """A directory name: rtn-w3-g64, qat-ste-rtn-w2-g64-s200."""
+        if self.method != "qat":
+            return f"{self.method}-w{self.bits}-g{self.group_size}"
+        init = re.sub(r"[^\w.-]", "_", Path(str(self.init)).name)
+        return f"qat-{self.estimator}-{init}-w{self.bits}-g{self.group_size}-s{self.steps}"
+
+    @property
+    def series(self) -> str:
+        """The cells that differ only in bits and group size form one series (a line in the figure)."""
+        if self.method != "qat":
+            return self.method
+        return f"qat {self.estimator} ({Path(str(self.init)).name} init, {self.steps} steps)"
+
+
+def expand(recipe: Recipe) -> list[Cell]:
+    """Every cell of the compare section, in recipe order; two cells with one name are refused."""
+    c = recipe.compare
+    cells: list[Cell] = []
+    for m in c.methods:
+        bits = as_list(m.bits) if m.bits is not None else c.bits or [recipe.quant.bits]
+        groups = as_list(m.group_size) if m.group_size is not None else c.group_size or [recipe.quant.group_size]
+        if m.method == "qat":
+            estimators = as_list(m.estimator) if m.estimator is not None else [recipe.qat.estimator]
+            inits = as_list(m.init) if m.init is not None else [recipe.qat.init]
+            steps = m.steps if m.steps is not None else recipe.qat.steps
+            variants = [(e, i, steps) for e in estimators for i in inits]
+        else:
+            variants = [(None, None, None)]
+        for estimator, init, steps in variants:
+            for g in groups:
+                for b in bits:
+                    cells.append(Cell(m.method, b, g, estimator, init, steps))
+    names = [cell.name for cell in cells]
+    for name in names:
+        if names.count(name) > 1:
+            raise QatcliError(f"recipe: compare.methods lists the cell '{name}' twice")
+    return cells
+
+
+def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def cell_recipe(base: Recipe, cell: Cell, directory: Path) -> Recipe:
+    """The ptq or qat recipe of ``cell``: checkpoint in ``directory/checkpoint``, export in ``directory/gptq``."""
+    shared = base.to_dict()
+    del shared["compare"]
+    values = _dotted(shared)
+    values.update(
+        {
+            "output": str(directory / "checkpoint"),
+            "export.output": str(directory / "gptq"),
+            "quant.bits": cell.bits,
+            "quant.group_size": cell.group_size,
+        }
+    )
+    if cell.method in PTQ_CELL_METHODS:
+        values["quant.method"] = cell.method
+    else:
+        values.update({"qat.estimator": cell.estimator, "qat.init": cell.init, "qat.steps": cell.steps})
+    recipe = load_recipe(None, values)
+    # compare evaluates every export itself, on the same windows; the cell's run measures nothing.
+    recipe.eval.data = None
+    return recipe
+
+
+def checkpoint_key(recipe: Recipe, cell: Cell) -> dict[str, Any]:
+    """The settings a cell's checkpoint depends on (not the device, not evaluation or export)."""
+    d = recipe.to_dict()
+    quant = dict(d["quant"])
+    key: dict[str, Any] = {"method": cell.method, "model": d["model"], "seed": d["seed"], "quant": quant}
+    if cell.method == "qat":
+        del quant["method"]
+        key["qat"] = d["qat"]
+    if cell.method == "gptq" or (cell.method == "qat" and cell.init == "gptq"):
+        key["calib"], key["gptq"] = d["calib"], d["gptq"]
+    return key
+
+
+def eval_key(recipe: Recipe, with_export: bool = True) -> dict[str, Any]:
+    """The settings of the evaluation (and of a cell's export) in the compare recipe: equal keys, same windows."""
+    d = recipe.to_dict()
+    key = {"model": d["model"], "seed": d["seed"], "eval": {k: d["eval"][k] for k in ("data", "seqlen", "max_windows")}}
+    if with_export:
+        key["export"] = {k: v for k, v in d["export"].items() if k != "output"}
+    return key

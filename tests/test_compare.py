@@ -1,0 +1,169 @@
+"""qatcli compare on a tiny Llama: two cells, an interrupted run, the rerun that reuses and resumes, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+from PIL import Image
+from test_cli import assert_one_line_error
+
+from qatcli import cli
+from qatcli.train import Trainer
+
+RTN, QAT = "rtn-w2-g32", "qat-ste-rtn-w2-g32-s4"
+
+
+def write_recipe(path: Path, model: Path, sotu: Path, out: Path, methods: str) -> Path:
+    path.write_text(
+        f"""
+model: {model}
+output: {out}
+device: cpu
+quant: {{bits: 2, group_size: 32, sym: true}}
+qat: {{data: {sotu / "valid.txt"}, steps: 4, batch_size: 4, seqlen: 64, lr: 1.0e-3, scale_lr: 1.0e-3,
+      warmup_steps: 1, save_every: 1, loss: ce}}
+eval: {{data: {sotu / "test.txt"}, seqlen: 64, max_windows: 4}}
+compare:
+  bits: [2]
+  methods:
+{methods}
+"""
+    )
+    return path
+
+
+TWO_CELLS = """    - method: rtn
+    - {method: qat, estimator: ste, init: rtn}"""
+
+
+def compare_in_process(*args: str, capsys: pytest.CaptureFixture[str]) -> subprocess.CompletedProcess:
+    """cli.main in this interpreter (so that monkeypatching reaches it), as a CompletedProcess."""
+    try:
+        code = cli.main(["compare", *args]) or 0  # typer returns 130 for Ctrl-C rather than raising it
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(["qatcli", "compare", *args], code, captured.out, captured.err)
+
+
+def interrupt_at_step(step: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C during QAT training, right after ``step`` (the trainer's on_step hook is where it lands)."""
+    train = Trainer.train
+
+    def interrupted(self: Trainer, stop_after: int | None = None, on_step=None) -> None:
+        def hook(record: dict) -> None:
+            if record["step"] == step:
+                raise KeyboardInterrupt
+
+        train(self, stop_after, hook)
+
+    monkeypatch.setattr(Trainer, "train", interrupted)
+
+
+def test_interrupted_compare_resumes_and_reuses_finished_cells(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    out = tmp_path / "cmp"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, sotu, out, TWO_CELLS)
+    rtn_result, qat_dir = out / "cells" / RTN / "result.json", out / "cells" / QAT
+
+    interrupt_at_step(2, monkeypatch)
+    first = compare_in_process(str(recipe), capsys=capsys)
+    assert first.returncode == 130, first.stderr
+    assert f"interrupted in {QAT}" in first.stderr
+    assert rtn_result.is_file() and (out / "fp.json").is_file()
+    assert (qat_dir / "checkpoint.run" / "state.pt").is_file()
+    assert not (qat_dir / "result.json").exists() and not (qat_dir / "checkpoint").exists()
+    assert not (out / "compare.json").exists()
+    rtn_stamp = rtn_result.stat().st_mtime_ns
+    monkeypatch.undo()
+
+    second = compare_in_process(str(recipe), capsys=capsys)
+    assert second.returncode == 0, second.stderr
+    assert "resuming at step 2 of 4" in second.stderr
+    assert rtn_result.stat().st_mtime_ns == rtn_stamp  # not quantized, exported or evaluated again
+    summary = json.loads((out / "compare.json").read_text())
+    status = {r["cell"]: r["status"] for r in summary["rows"]}
+    assert status == {"fp": "reused", RTN: "reused", QAT: "resumed"}
+    steps = [json.loads(line)["step"] for line in (qat_dir / "checkpoint" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    assert not (qat_dir / "checkpoint.run").exists()
+
+    rows = {r["cell"]: r for r in summary["rows"]}
+    fp, rtn, qat = rows["fp"], rows[RTN], rows[QAT]
+    assert (summary["windows"], summary["seqlen"]) == (4, 64)
+    assert all((r["windows"], r["seqlen"]) == (4, 64) for r in rows.values())
+    assert rtn["ppl"] > fp["ppl"] and qat["ppl"] != rtn["ppl"]
+    assert rtn["ppl_ratio"] == pytest.approx(rtn["ppl"] / fp["ppl"])
+    assert rtn["quantized_bytes"] == qat["quantized_bytes"] < fp["quantized_bytes"]
+    assert (qat_dir / "gptq" / "quantize_config.json").is_file() and qat["export_bytes"] > 0
+    assert qat["quantize_seconds"] > 0 and (qat["estimator"], qat["init"], qat["steps"]) == ("ste", "rtn", 4)
+    for name in ("fp", RTN, QAT):
+        assert name in second.stdout
+    with (out / "compare.csv").open() as f:
+        table = list(csv.DictReader(f))
+    assert [r["cell"] for r in table] == ["fp", RTN, QAT]
+    assert float(table[1]["ppl"]) == pytest.approx(rtn["ppl"])
+    with Image.open(out / "compare.png") as image:
+        assert image.format == "PNG" and image.width > 800
+
+    # The real command line, a third time: every cell is reused, nothing is written into the cells.
+    qat_stamp = (qat_dir / "result.json").stat().st_mtime_ns
+    third = run_cli("compare", str(recipe))
+    assert third.returncode == 0, third.stderr
+    assert [r["status"] for r in json.loads((out / "compare.json").read_text())["rows"]] == ["reused"] * 3
+    assert rtn_result.stat().st_mtime_ns == rtn_stamp and (qat_dir / "result.json").stat().st_mtime_ns == qat_stamp
+
+    # Other evaluation settings: the checkpoints are kept, exported and evaluated again on the new windows.
+    fourth = compare_in_process(str(recipe), "--max-windows", "2", capsys=capsys)
+    assert fourth.returncode == 0, fourth.stderr
+    rows = {r["cell"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert [r["status"] for r in rows.values()] == ["new", "re-evaluated", "re-evaluated"]
+    assert all(r["windows"] == 2 for r in rows.values())
+    assert rows[QAT]["quantize_seconds"] == qat["quantize_seconds"]
+
+    fresh = compare_in_process(str(recipe), "--max-windows", "2", "--force", capsys=capsys)
+    assert fresh.returncode == 0, fresh.stderr
+    assert [r["status"] for r in json.loads((out / "compare.json").read_text())["rows"]] == ["new"] * 3
+
+
+@pytest.mark.parametrize(
+    ("methods", "fragment"),
+    [
+        ("    - method: awq", "compare.methods[0].method must be one of rtn, gptq, qat, got 'awq'"),
+        ("    - {method: rtn, estimator: ste}", "compare.methods[0].estimator applies to method qat only"),
+        ("    - {method: rtn, bits: [3, 5]}", "compare.methods[0].bits must hold 2, 3, 4, 8, got 5"),
+        ("    - method: rtn\n    - {method: rtn, bits: 2}", "lists the cell 'rtn-w2-g32' twice"),
+        ("    - {method: rtn, group_size: 48}", "group size 48"),
+        ("    - {method: gptq}", "gptq cells need calibration data"),
+        ("    []", "the recipe has no compare.methods"),
+    ],
+)
+def test_bad_compare_input_is_one_line_error(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], methods: str, fragment: str
+) -> None:
+    out = tmp_path / "cmp"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, sotu, out, methods)
+    result = compare_in_process(str(recipe), capsys=capsys)
+    assert result.returncode == 2
+    assert_one_line_error(result, fragment)
+    assert not (out / "cells").exists()
+
+
+def test_compare_never_takes_over_another_directory(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cmp"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, sotu, out, TWO_CELLS)
+    for extra in ([], ["--force"]):
+        result = compare_in_process(str(recipe), *extra, capsys=capsys)
+        assert_one_line_error(result, "holds something other than a qatcli compare run")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert_one_line_error(compare_in_process(str(tmp_path / "none.yaml"), capsys=capsys), "recipe file")
