@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 
 from qatcli.errors import QatcliError
-from qatcli.recipe import load_recipe
+from qatcli.recipe import load_recipe, parse_assignments
 
 app = typer.Typer(
     help="Quantize Hugging Face causal LMs to 2-8 bits and measure what each method costs.",
@@ -103,7 +103,7 @@ def qat(
     bits: BitsOpt = None,
     group_size: GroupSizeOpt = None,
     sym: SymOpt = None,
-    estimator: Annotated[str | None, typer.Option(help="Backward of rounding: ste or fourier.")] = None,
+    estimator: Annotated[str | None, typer.Option(help="Backward of rounding: ste, fourier or jacobian.")] = None,
     amplitude: Annotated[list[float] | None, typer.Option(help="fourier amplitude A_k (repeatable; 0.21).")] = None,
     init: Annotated[str | None, typer.Option(help="fp, rtn (default), gptq or a qatcli checkpoint.")] = None,
     data: Annotated[str | None, typer.Option(help="Training data (same forms as eval data).")] = None,
@@ -114,6 +114,13 @@ def qat(
     lr: Annotated[float | None, typer.Option(help="Learning rate of the latent weights (5e-5).")] = None,
     scale_lr: Annotated[float | None, typer.Option(help="Learning rate of the scales (1e-4).")] = None,
     loss: Annotated[str | None, typer.Option(help="kd (distill from fp, default) or ce.")] = None,
+    variance_reduction: Annotated[
+        bool | None, typer.Option(help="MARS-style corrected gradients inside AdamW (off).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any recipe value as KEY=VALUE, e.g. qat.jacobian.blend=1 (repeatable)."),
+    ] = None,
     save_every: Annotated[int | None, typer.Option(help="Save the run's state every N steps (50).")] = None,
     calib_data: Annotated[str | None, typer.Option(help="Calibration data for --init gptq.")] = None,
     nsamples: Annotated[int | None, typer.Option(help="Calibration windows for --init gptq (128).")] = None,
@@ -150,11 +157,13 @@ def qat(
             "qat.lr": lr,
             "qat.scale_lr": scale_lr,
             "qat.loss": loss,
+            "qat.variance_reduction": variance_reduction,
             "qat.save_every": save_every,
             "calib.data": calib_data,
             "calib.nsamples": nsamples,
             "eval.data": eval_data,
             "eval.max_windows": max_windows,
+            **parse_assignments(set_ or []),
         },
     )
     if stop_after is not None and stop_after < 1:

@@ -57,9 +57,27 @@ class GPTQOptions:
 
 
 @dataclass
+class JacobianConfig:
+    """Knobs of the jacobian estimator (see qatcli/estimators/jacobian.py and docs/estimators.md)."""
+
+    update_every: int = 10  # steps between refreshes of B
+    dither_width: float = 0.5  # delta: dither half-width is delta * s / 2
+    probes: int = 2  # random sign probes per refresh
+    probe_step: float = 0.5  # probe size in units of the scale
+    blend: float = 0.5  # weight of Dither against Probe (1 = Dither only, 0 = Probe only)
+    ema: float = 0.5  # smoothing of B across refreshes
+    clip_min: float = 0.05
+    clip_max: float = 2.0
+    calib_batches: int = 4  # training batches whose layer inputs Probe caches
+
+
+@dataclass
 class QATConfig:
-    estimator: str = "ste"  # ste | fourier
+    estimator: str = "ste"  # ste | fourier | jacobian
     amplitudes: list[float] = field(default_factory=lambda: [0.21])  # fourier's A_k
+    jacobian: JacobianConfig = field(default_factory=JacobianConfig)
+    variance_reduction: bool = False  # MARS-style corrected gradient inside AdamW
+    vr_gamma: float = 0.025  # MARS's gamma
     init: str = "rtn"  # fp | rtn | gptq | path of a qatcli checkpoint
     data: str | None = None  # training text (same forms as eval data)
     steps: int = 100
@@ -229,6 +247,8 @@ def _check_values(recipe: Recipe) -> None:
     for key in ("lr", "scale_lr", "clip_grad"):
         if getattr(t, key) <= 0:
             raise QatcliError(f"recipe: qat.{key} must be positive, got {getattr(t, key)}")
+    if not 0 <= t.vr_gamma <= 1:
+        raise QatcliError(f"recipe: qat.vr_gamma must be in [0, 1], got {t.vr_gamma}")
     if t.warmup_steps < 0 or not 0 <= t.min_lr_ratio <= 1 or t.weight_decay < 0:
         raise QatcliError("recipe: qat.warmup_steps and qat.weight_decay must be >= 0, qat.min_lr_ratio in [0, 1]")
     e = recipe.export
@@ -306,6 +326,20 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise QatcliError(f"recipe file '{path}' must hold a mapping at the top level")
     return data
+
+
+def parse_assignments(items: list[str]) -> dict[str, Any]:
+    """KEY=VALUE strings from the command line as dotted overrides; values are read as YAML scalars."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise QatcliError(f"--set takes KEY=VALUE (e.g. qat.jacobian.blend=1), got '{item}'")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise QatcliError(f"--set {key}: cannot read the value '{value}'") from None
+    return out
 
 
 def load_recipe(path: Path | None, overrides: dict[str, Any]) -> Recipe:

@@ -166,7 +166,7 @@ class Trainer:
                     ids = self.batches.next_batch().to(self.device)
                     loss = self._loss(ids) / self.s.grad_accum
                     loss.backward()
-                    total += float(loss)
+                    total += float(loss.detach())
                     tokens_done += ids.numel()
                 if self.correction is not None:
                     self.correction.apply()
