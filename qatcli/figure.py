@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 MIB = 2**20
+
+
+def _ppl_label(y: float, _: object = None) -> str:
+    """Tick and point labels: 50.2, 158, 1000, 1.97e6 (never 1e+06 next to 100000)."""
+    if y >= 1e4:
+        exponent = math.floor(math.log10(y))
+        return f"{y / 10**exponent:.3g}e{exponent}"
+    return f"{y:.0f}" if y >= 100 else f"{y:.3g}"
 
 
 def plot_compare(fp: dict[str, Any], rows: list[dict[str, Any]], title: str, path: Path) -> None:
@@ -31,12 +40,22 @@ def plot_compare(fp: dict[str, Any], rows: list[dict[str, Any]], title: str, pat
     for i, (label, points) in enumerate(series.items()):
         style = {"marker": markers[i % len(markers)], "label": label, "linewidth": 1.5, "markersize": 7}
         points = sorted(points, key=lambda r: r["bits"])
-        by_bits.plot([r["bits"] for r in points], [r["ppl"] for r in points], **style)
+        (line,) = by_bits.plot([r["bits"] for r in points], [r["ppl"] for r in points], **style)
+        for r in points:
+            by_bits.annotate(
+                _ppl_label(r["ppl"]),
+                (r["bits"], r["ppl"]),
+                xytext=(7, 0),
+                textcoords="offset points",
+                va="center",
+                fontsize=8,
+                color=line.get_color(),
+            )
         points = sorted(points, key=lambda r: r["quantized_bytes"])
         by_size.plot([r["quantized_bytes"] / MIB for r in points], [r["ppl"] for r in points], **style)
 
     fp_label = f"full precision: ppl {fp['ppl']:.2f} (fp16 layers {fp['quantized_bytes'] / MIB:.3g} MiB)"
-    plain = FuncFormatter(lambda y, _: f"{y:g}")
+    plain = FuncFormatter(_ppl_label)
     for ax in (by_bits, by_size):
         ax.axhline(fp["ppl"], color="0.35", linestyle="--", linewidth=1.2, label=fp_label)
         ax.set_yscale("log")

@@ -29,11 +29,17 @@ class Cell:
     steps: int | None = None  # qat only
 
     @property
+    def init_name(self) -> str:
+        """fp, rtn or gptq, or the name of an init checkpoint (that of its cell for another cell's checkpoint)."""
+        path = Path(str(self.init))
+        return path.parent.name if path.name == "checkpoint" and path.parent.name else path.name
+
+    @property
     def name(self) -> str:
         """A directory name: rtn-w3-g64, qat-ste-rtn-w2-g64-s200."""
         if self.method != "qat":
             return f"{self.method}-w{self.bits}-g{self.group_size}"
-        init = re.sub(r"[^\w.-]", "_", Path(str(self.init)).name)
+        init = re.sub(r"[^\w.-]", "_", self.init_name)
         return f"qat-{self.estimator}-{init}-w{self.bits}-g{self.group_size}-s{self.steps}"
 
     @property
@@ -41,7 +47,7 @@ class Cell:
         """The cells that differ only in bits and group size form one series (a line in the figure)."""
         if self.method != "qat":
             return self.method
-        return f"qat {self.estimator} ({Path(str(self.init)).name} init, {self.steps} steps)"
+        return f"qat {self.estimator} ({self.init_name} init, {self.steps} steps)"
 
 
 def expand(recipe: Recipe) -> list[Cell]:
