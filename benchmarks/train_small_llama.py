@@ -5,7 +5,7 @@ architecture, seeded data order, AdamW with warmup and cosine decay. Every width
 of 128, so group size 128 applies. Writes a Hugging Face model directory with its tokenizer and
 `training.json` (parameters, steps, wall time, final loss, test perplexity).
 
-    python benchmarks/train_small_llama.py -o runs/sotu-llama-small --steps 400
+    python benchmarks/train_small_llama.py -o runs/sotu-llama-small
 """
 
 from __future__ import annotations
@@ -44,10 +44,10 @@ def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-o", "--output", type=Path, required=True)
-    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seqlen", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--intermediate", type=int, default=768)
