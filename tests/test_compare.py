@@ -13,6 +13,8 @@ from PIL import Image
 from test_cli import assert_one_line_error
 
 from qatcli import cli
+from qatcli.matrix import expand
+from qatcli.recipe import load_recipe
 from qatcli.train import Trainer
 
 RTN, QAT = "rtn-w2-g32", "qat-ste-rtn-w2-g32-s4"
@@ -167,3 +169,11 @@ def test_compare_never_takes_over_another_directory(
         assert_one_line_error(result, "holds something other than a qatcli compare run")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert_one_line_error(compare_in_process(str(tmp_path / "none.yaml"), capsys=capsys), "recipe file")
+
+
+def test_demo_recipe_cells() -> None:
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml", {})
+    names = [cell.name for cell in expand(recipe)]
+    assert names == ["rtn-w4-g64", "rtn-w3-g64", "rtn-w2-g64", "gptq-w3-g64", "qat-ste-fp-w3-g64-s20"]
+    # Everything it reads is generated from the model itself: it runs from a fresh clone without ../shared.
+    assert {recipe.eval.data, recipe.calib.data, recipe.qat.data} == {"generated:50"}

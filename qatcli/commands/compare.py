@@ -272,11 +272,19 @@ def _write_outputs(ctx: Context, recipe_path: Path, fp: dict[str, Any], rows: li
         plot_compare(fp, rows, title, tmp)
 
 
+def _change(ppl: float, fp_ppl: float) -> str:
+    """+22.290 (1.55x); a collapsed model's change in three digits: +2.48e+06 (6.15e+04x)."""
+    delta, ratio = ppl - fp_ppl, ppl / fp_ppl
+    if abs(delta) < 1e4:
+        return f"{delta:+.3f} ({ratio:.2f}x)"
+    return f"{delta:+.3g} ({ratio:.3g}x)"
+
+
 def _print_table(title: str, fp: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     mib = 2**20
 
     def line(r: dict[str, Any]) -> list[Any]:
-        change = "-" if r is fp else f"{r['ppl'] - fp['ppl']:+.3f} ({r['ppl'] / fp['ppl']:.2f}x)"
+        change = "-" if r is fp else _change(r["ppl"], fp["ppl"])
         export = None if r["export_bytes"] is None else r["export_bytes"] / mib
         return [
             r["cell"],
