@@ -238,6 +238,10 @@ def compare(
     ] = None,
     max_windows: MaxWindowsOpt = None,
     device: DeviceOpt = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any recipe value as KEY=VALUE, e.g. qat.lr=0.0001 (repeatable)."),
+    ] = None,
     force: Annotated[
         bool, typer.Option("--force", help="Start over: delete the earlier results in the output directory.")
     ] = False,
@@ -245,7 +249,8 @@ def compare(
     """Run a matrix of methods x bit widths on one model (finished cells are reused) into one table."""
     from qatcli.commands.compare import run_compare
 
-    cfg = load_recipe(recipe, {"output": output, "device": device, "eval.max_windows": max_windows})
+    overrides = {"output": output, "device": device, "eval.max_windows": max_windows}
+    cfg = load_recipe(recipe, {**overrides, **parse_assignments(set_ or [])})
     run_compare(cfg, recipe, force)
 
 

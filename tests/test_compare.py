@@ -129,6 +129,12 @@ def test_interrupted_compare_resumes_and_reuses_finished_cells(
     assert all(r["windows"] == 2 for r in rows.values())
     assert rows[QAT]["quantize_seconds"] == qat["quantize_seconds"]
 
+    # Other QAT settings: only the QAT cell is made again.
+    changed = compare_in_process(str(recipe), "--max-windows", "2", "--set", "qat.lr=0.002", capsys=capsys)
+    assert changed.returncode == 0, changed.stderr
+    assert f"{QAT}: its settings changed" in changed.stderr
+    assert [r["status"] for r in json.loads((out / "compare.json").read_text())["rows"]] == ["reused", "reused", "new"]
+
     fresh = compare_in_process(str(recipe), "--max-windows", "2", "--force", capsys=capsys)
     assert fresh.returncode == 0, fresh.stderr
     assert [r["status"] for r in json.loads((out / "compare.json").read_text())["rows"]] == ["new"] * 3
