@@ -7,6 +7,7 @@ line gets exactly the same checks and messages as one written in the file.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ EXPORT_FORMATS = FORMATS
 QAT_LOSSES = ("kd", "ce")
 COMPARE_METHODS = ("rtn", "gptq", "qat")
 EXPORT_DTYPES = tuple(DENSE_DTYPES)
+SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 @dataclass
@@ -335,6 +337,9 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise QatcliError(f"--set takes KEY=VALUE (e.g. qat.jacobian.blend=1), got '{item}'")
+        if SCIENTIFIC.match(value.strip()):  # YAML 1.1 reads 2e-3 as a string
+            out[key.strip()] = float(value)
+            continue
         try:
             out[key.strip()] = yaml.safe_load(value)
         except yaml.YAMLError:

@@ -33,6 +33,8 @@ METRICS_FILE = "metrics.jsonl"
 
 @dataclass(frozen=True)
 class TrainSettings:
+    """The training options; each field has the name of its key in the recipe's qat section."""
+
     steps: int
     lr: float
     scale_lr: float

@@ -61,3 +61,12 @@ def test_override_is_validated_like_the_file() -> None:
 def test_shipped_recipes_are_valid(path: Path) -> None:
     recipe = load_recipe(path, {})
     assert recipe.model and recipe.output
+
+
+def test_set_assignments_read_yaml_scalars_and_scientific_numbers() -> None:
+    from qatcli.recipe import parse_assignments
+
+    got = parse_assignments(["qat.lr=2e-3", "qat.steps=7", "qat.estimator=jacobian", "qat.variance_reduction=true"])
+    assert got == {"qat.lr": 0.002, "qat.steps": 7, "qat.estimator": "jacobian", "qat.variance_reduction": True}
+    with pytest.raises(QatcliError, match="--set takes KEY=VALUE"):
+        parse_assignments(["=3"])

@@ -154,20 +154,7 @@ def run_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -
     estimator = _estimator(recipe)
     fakes = prepare_qat(model, layers, estimator)
     estimator.setup(fakes, lambda: _run_calibration(model, tokens, recipe, device))
-    settings = TrainSettings(
-        steps=t.steps,
-        lr=t.lr,
-        scale_lr=t.scale_lr,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_steps,
-        min_lr_ratio=t.min_lr_ratio,
-        clip_grad=t.clip_grad,
-        grad_accum=t.grad_accum,
-        loss=t.loss,
-        save_every=t.save_every,
-        variance_reduction=t.variance_reduction,
-        vr_gamma=t.vr_gamma,
-    )
+    settings = TrainSettings(**{f.name: getattr(t, f.name) for f in dataclasses.fields(TrainSettings)})
     trainer = Trainer(model, fakes, estimator, teacher, batches, settings, device, workdir)
     if resume:
         trainer.load_state()
