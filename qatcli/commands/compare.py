@@ -273,11 +273,12 @@ def _write_outputs(ctx: Context, recipe_path: Path, fp: dict[str, Any], rows: li
 
 
 def _change(ppl: float, fp_ppl: float) -> str:
-    """+22.290 (1.55x); a collapsed model's change in three digits: +2.48e+06 (6.15e+04x)."""
+    """+0.358 (+0.26%), +22.290 (+55.2%); a collapsed model's in three digits: +2.48e+06 (6.15e+04x)."""
     delta, ratio = ppl - fp_ppl, ppl / fp_ppl
-    if abs(delta) < 1e4:
-        return f"{delta:+.3f} ({ratio:.2f}x)"
-    return f"{delta:+.3g} ({ratio:.3g}x)"
+    if ratio >= 10:
+        return f"{delta:+.3g} ({ratio:.3g}x)"
+    percent = 100 * (ratio - 1)
+    return f"{delta:+.3f} ({percent:+.{2 if abs(percent) < 10 else 1}f}%)"
 
 
 def _print_table(title: str, fp: dict[str, Any], rows: list[dict[str, Any]]) -> None:
