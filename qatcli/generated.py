@@ -8,6 +8,8 @@ full-precision model (fidelity), not how well it models natural text.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -21,6 +23,14 @@ from qatcli.progress import progress_bar
 HELD_OUT_EVERY = 5
 GREEDY_PREFIX = 3
 BATCH_SIZE = 64
+
+
+def _cache_argument(step: Any) -> dict[str, Any]:
+    """The key-value cache of a forward output, as the next call takes it: transformers 5.2x renamed
+    ``past_key_values`` to ``cache`` (the old name warns on every call, and goes in 5.40)."""
+    if "cache" in step:
+        return {"cache": step["cache"]}
+    return {"past_key_values": step["past_key_values"]}
 
 
 @torch.no_grad()
@@ -44,7 +54,7 @@ def sample_sequences(
                 else:
                     nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
                 seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
-                step = model(nxt.unsqueeze(1).to(device), past_key_values=step.past_key_values, use_cache=True)
+                step = model(nxt.unsqueeze(1).to(device), use_cache=True, **_cache_argument(step))
                 progress.advance(task, b)
             progress.advance(task, b)
             out.append(seq)

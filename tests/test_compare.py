@@ -149,6 +149,8 @@ def test_interrupted_compare_resumes_and_reuses_finished_cells(
         ("    - method: rtn\n    - {method: rtn, bits: 2}", "lists the cell 'rtn-w2-g32' twice"),
         ("    - {method: rtn, group_size: 48}", "group size 48"),
         ("    - {method: gptq}", "gptq cells need calibration data"),
+        ("    - {method: qat, estimator: lsq}", "unknown estimator 'lsq' (known: "),
+        ("    - {method: qat, init: nowhere}", "init must be fp, rtn, gptq or a qatcli checkpoint, got 'nowhere'"),
         ("    []", "the recipe has no compare.methods"),
     ],
 )
