@@ -13,6 +13,8 @@ import typer
 from qatcli.errors import QatcliError
 from qatcli.recipe import load_recipe, parse_assignments
 
+INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
+
 app = typer.Typer(
     help="Quantize Hugging Face causal LMs to 2-8 bits and measure what each method costs.",
     no_args_is_help=True,
@@ -272,7 +274,7 @@ def main(argv: list[str] | None = None) -> Any:
     _quiet_libraries()
     command = typer.main.get_command(app)
     try:
-        return command.main(args=argv, prog_name="qatcli", standalone_mode=False)
+        status = command.main(args=argv, prog_name="qatcli", standalone_mode=False)
     except QatcliError as err:
         print(f"qatcli: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -285,6 +287,10 @@ def main(argv: list[str] | None = None) -> Any:
         sys.exit(2)
     except typer.Exit as err:
         sys.exit(err.exit_code)
-    except (KeyboardInterrupt, typer.Abort):
+    except typer.Abort:
+        print("qatcli: aborted", file=sys.stderr)
+        sys.exit(1)
+    # typer turns Ctrl-C outside qat's own handler into a returned 130 (qat and compare say where to resume).
+    if status == INTERRUPTED:
         print("qatcli: interrupted", file=sys.stderr)
-        sys.exit(130)
+    return status

@@ -301,3 +301,17 @@ def test_gptq_needs_calibration_data(tiny_model_dir: Path, tmp_path: Path) -> No
         "ptq", str(tiny_model_dir), "--method", "gptq", "--bits", "3", "--group-size", "32", "-o", str(tmp_path / "o")
     )
     assert_one_line_error(result, "gptq needs calibration data")
+
+
+def test_ctrl_c_is_one_line_and_status_130(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import qatcli.commands.evaluate as evaluate_command
+    from qatcli.cli import main
+
+    def interrupted(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate_command, "run_eval", interrupted)
+    assert main(["eval", str(tiny_model_dir), "--data", "generated:5"]) == 130
+    assert capsys.readouterr().err.strip() == "qatcli: interrupted"
