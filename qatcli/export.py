@@ -27,10 +27,16 @@ from qatcli.progress import progress_bar
 @dataclass
 class ExportReport:
     fmt: str
+    group_size: int
     packed: list[str] = field(default_factory=list)
     dense: list[str] = field(default_factory=list)
     clamped_zero_points: int = 0
     files: dict[str, int] = field(default_factory=dict)  # file name -> bytes
+
+
+# The group sizes of the fast GPU kernels that read the GPTQ format (GPTQModel's Marlin and ExLlamaV2, vLLM's
+# gptq_marlin); other sizes load only through slower fallbacks (GPTQModel's torch and triton kernels).
+FAST_KERNEL_GROUP_SIZES = (-1, 32, 64, 128)
 
 
 def _common_spec(layers: dict) -> QuantSpec:
@@ -90,7 +96,7 @@ def export_gptq(
     """Write the GPTQ-format model of ``checkpoint`` into ``directory`` (made atomic by the caller)."""
     model, tokenizer, meta, layers = load_checkpoint(checkpoint, torch.device("cpu"), fake_quant=False)
     spec = _common_spec(layers)
-    report = ExportReport(choose_format(spec, fmt, v1_clamp_zeros))
+    report = ExportReport(choose_format(spec, fmt, v1_clamp_zeros), spec.group_size)
     target_dtype = DENSE_DTYPES[dtype]
     modules = dict(model.named_modules())
 

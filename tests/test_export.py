@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_checkpoint
+from conftest import make_checkpoint, run_cli
 from safetensors.torch import load_file, save_file
 
 from qatcli.checkpoint import load_checkpoint
@@ -154,3 +154,23 @@ def test_layers_the_format_cannot_hold_stay_dense(odd_width_model_dir: Path, tmp
     ids = torch.arange(30).unsqueeze(0)
     with torch.no_grad():
         assert torch.equal(packed(ids).logits, reference(ids).logits)
+
+
+def test_export_command_warns_about_slow_group_sizes_and_keeps_outputs(tiny_model_dir: Path, tmp_path: Path) -> None:
+    fast = make_checkpoint(tiny_model_dir, tmp_path / "g32", QuantSpec(4, 32), "rtn")
+    slow = make_checkpoint(tiny_model_dir, tmp_path / "g16", QuantSpec(4, 16), "rtn")
+    out = tmp_path / "gptq"
+    made = run_cli("export", str(fast), "-o", str(out))
+    assert made.returncode == 0, made.stderr
+    assert "warning" not in made.stderr
+    files = sorted(p.name for p in out.iterdir())
+    assert "model.safetensors" in files and "config.json" in files
+
+    again = run_cli("export", str(slow), "-o", str(out))
+    assert again.returncode == 2 and "--force" in again.stderr
+    assert sorted(p.name for p in out.iterdir()) == files
+
+    forced = run_cli("export", str(slow), "-o", str(out), "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert "warning: group size 16" in forced.stderr
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 16

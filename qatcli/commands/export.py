@@ -6,7 +6,7 @@ from pathlib import Path
 
 from qatcli.checkpoint import is_checkpoint
 from qatcli.errors import QatcliError
-from qatcli.export import export_gptq
+from qatcli.export import FAST_KERNEL_GROUP_SIZES, export_gptq
 from qatcli.outputs import atomic_dir, check_writable
 from qatcli.progress import stderr_console
 from qatcli.recipe import Recipe
@@ -30,6 +30,11 @@ def run_export(recipe: Recipe, checkpoint_arg: str | None, force: bool) -> None:
         stderr_console.print(
             f"[yellow]warning: {len(report.dense)} layers stay dense (in/out not multiples of 32): "
             + ", ".join(report.dense)
+        )
+    if report.group_size not in FAST_KERNEL_GROUP_SIZES:
+        stderr_console.print(
+            f"[yellow]warning: group size {report.group_size}: the fast GPU kernels (Marlin, ExLlamaV2, vLLM's "
+            f"gptq_marlin) take {', '.join(map(str, FAST_KERNEL_GROUP_SIZES))}; loaders fall back to slower ones"
         )
     if report.clamped_zero_points:
         stderr_console.print(f"[yellow]warning: {report.clamped_zero_points} zero points clamped to 1 for format v1")
