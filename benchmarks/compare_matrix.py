@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,12 @@ import yaml
 from common import REPO, machine, publish
 
 
-def pivot(rows: list[dict[str, Any]], value: str, fmt: str) -> list[str]:
+def ppl_text(ppl: float) -> str:
+    """Three decimals (the estimators differ in the second), three significant digits once a cell collapses."""
+    return f"{ppl:.3f}" if ppl < 1000 else f"{ppl:.4g}"
+
+
+def pivot(rows: list[dict[str, Any]], value: str, text: Callable[[float], str]) -> list[str]:
     """Markdown rows: one per series (method, estimator, init, steps; group size if several), one column per bits."""
     several_groups = len({r["group_size"] for r in rows}) > 1
     bits = sorted({r["bits"] for r in rows}, reverse=True)
@@ -35,13 +41,8 @@ def pivot(rows: list[dict[str, Any]], value: str, fmt: str) -> list[str]:
         table[series][r["bits"]] = r[value]
     lines = ["| method | " + " | ".join(f"{b} bits" for b in bits) + " |", "|---" * (len(bits) + 1) + "|"]
     for series, cells in table.items():
-        lines.append(f"| {series} | " + " | ".join(format(cells[b], fmt) if b in cells else "-" for b in bits) + " |")
+        lines.append(f"| {series} | " + " | ".join(text(cells[b]) if b in cells else "-" for b in bits) + " |")
     return lines
-
-
-def ppl_format(rows: list[dict[str, Any]]) -> str:
-    """Three decimals where the matrix is close to full precision; three significant digits once a cell collapses."""
-    return ".4g" if max(r["ppl"] for r in rows) >= 1e4 else ".3f"
 
 
 def main() -> None:
@@ -84,11 +85,11 @@ def main() -> None:
         "",
         "Perplexity:",
         "",
-        *pivot(rows, "ppl", ppl_format(rows)),
+        *pivot(rows, "ppl", ppl_text),
         "",
         "Wall time of making each checkpoint (s; PTQ or QAT, model loading included; export and evaluation apart):",
         "",
-        *pivot(rows, "quantize_seconds", ".1f"),
+        *pivot(rows, "quantize_seconds", lambda s: f"{s:.1f}"),
         "",
         f"![perplexity against bits and against packed size](figures/{figure.name})",
     ]
