@@ -107,7 +107,7 @@ def qat(
     sym: SymOpt = None,
     estimator: Annotated[str | None, typer.Option(help="Backward of rounding: ste, fourier or jacobian.")] = None,
     amplitude: Annotated[list[float] | None, typer.Option(help="fourier amplitude A_k (repeatable; 0.21).")] = None,
-    init: Annotated[str | None, typer.Option(help="fp, rtn (default), gptq or a qatcli checkpoint.")] = None,
+    init: Annotated[str | None, typer.Option(help="fp (default), rtn, gptq or a qatcli checkpoint.")] = None,
     data: Annotated[str | None, typer.Option(help="Training data (same forms as eval data).")] = None,
     steps: Annotated[int | None, typer.Option(help="Optimizer steps (100).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Windows per micro-batch (4).")] = None,

@@ -80,7 +80,7 @@ class QATConfig:
     jacobian: JacobianConfig = field(default_factory=JacobianConfig)
     variance_reduction: bool = False  # MARS-style corrected gradient inside AdamW
     vr_gamma: float = 0.025  # MARS's gamma
-    init: str = "rtn"  # fp | rtn | gptq | path of a qatcli checkpoint
+    init: str = "fp"  # fp | rtn | gptq | path of a qatcli checkpoint
     data: str | None = None  # training text (same forms as eval data)
     steps: int = 100
     batch_size: int = 4
