@@ -22,8 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import yaml
 from common import REPO, machine, publish
+
+from qatcli.recipe import load_recipe
 
 
 def ppl_text(ppl: float) -> str:
@@ -59,7 +60,7 @@ def main() -> None:
         sys.exit(run.returncode)
     seconds = time.perf_counter() - start
 
-    output = REPO / yaml.safe_load(args.recipe.read_text())["output"]
+    output = REPO / str(load_recipe(args.recipe, {}).output)
     report = json.loads((output / "compare.json").read_text())
     fp, rows = report["rows"][0], report["rows"][1:]
     new = [r for r in rows if r["status"] == "new"]

@@ -30,10 +30,10 @@ import torch
 from qatcli.checkpoint import is_checkpoint, read_meta
 from qatcli.commands.export import run_export
 from qatcli.commands.ptq import run_ptq
-from qatcli.commands.qat import INITS, run_qat
+from qatcli.commands.qat import check_init, run_qat
 from qatcli.data import check_data_spec
 from qatcli.errors import QatcliError
-from qatcli.estimators import ESTIMATORS
+from qatcli.estimators import check_estimator
 from qatcli.evaluate import evaluate_on_data
 from qatcli.figure import plot_compare
 from qatcli.grid import QuantSpec
@@ -108,10 +108,11 @@ def _check_inputs(recipe: Recipe, cells: list[Cell]) -> None:
     for c in cells:
         if c.method != "qat":
             continue
-        if c.estimator not in ESTIMATORS:
-            raise QatcliError(f"cell {c.name}: unknown estimator '{c.estimator}' (known: {', '.join(ESTIMATORS)})")
-        if c.init not in INITS and not is_checkpoint(Path(str(c.init))):
-            raise QatcliError(f"cell {c.name}: init must be fp, rtn, gptq or a qatcli checkpoint, got '{c.init}'")
+        try:
+            check_estimator(str(c.estimator))
+        except QatcliError as err:
+            raise QatcliError(f"cell {c.name}: {err}") from None
+        check_init(str(c.init), f"cell {c.name}: init")
     if any(c.method == "qat" for c in cells):
         if recipe.qat.data is None:
             raise QatcliError("qat cells need training data: set qat.data in the recipe")

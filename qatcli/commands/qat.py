@@ -91,12 +91,17 @@ def _run_calibration(model: nn.Module, tokens: torch.Tensor, recipe: Recipe, dev
         model(batches.next_batch().to(device), use_cache=False)
 
 
+def check_init(init: str, what: str) -> None:
+    """``what`` names the setting in the message: --init, or a compare cell's init."""
+    if init not in INITS and not is_checkpoint(Path(init)):
+        raise QatcliError(f"{what} must be fp, rtn, gptq or a qatcli checkpoint, got '{init}'")
+
+
 def _check_inputs(recipe: Recipe) -> None:
     t = recipe.qat
     if recipe.output is None:
         raise QatcliError("no output directory: pass -o DIR or set 'output' in the recipe")
-    if t.init not in INITS and not is_checkpoint(Path(t.init)):
-        raise QatcliError(f"--init must be fp, rtn, gptq or a qatcli checkpoint directory, got '{t.init}'")
+    check_init(t.init, "--init")
     if t.init not in INITS:
         read_meta(Path(t.init))
     elif recipe.model is None:

@@ -1,8 +1,18 @@
 """Backward-pass estimators for rounding in QAT: ste, fourier (StableQAT) and jacobian (after JacQuant)."""
 
-from qatcli.estimators.base import ESTIMATORS, Estimator, make_estimator, register
+from qatcli.estimators.base import ESTIMATORS, Estimator, check_estimator, make_estimator, register
 from qatcli.estimators.fourier import FOURIER_C, Fourier
 from qatcli.estimators.jacobian import Jacobian
 from qatcli.estimators.ste import STE
 
-__all__ = ["ESTIMATORS", "FOURIER_C", "STE", "Estimator", "Fourier", "Jacobian", "make_estimator", "register"]
+__all__ = [
+    "ESTIMATORS",
+    "FOURIER_C",
+    "STE",
+    "Estimator",
+    "Fourier",
+    "Jacobian",
+    "check_estimator",
+    "make_estimator",
+    "register",
+]

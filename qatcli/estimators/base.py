@@ -54,8 +54,12 @@ class Estimator(ABC):
         return
 
 
-def make_estimator(name: str, **options: object) -> Estimator:
+def check_estimator(name: str) -> None:
     if name not in ESTIMATORS:
         raise QatcliError(f"unknown estimator '{name}' (known: {', '.join(ESTIMATORS)})")
+
+
+def make_estimator(name: str, **options: object) -> Estimator:
+    check_estimator(name)
     factory: Callable[..., Estimator] = ESTIMATORS[name]
     return factory(**options)
