@@ -22,15 +22,15 @@ from pathlib import Path
 
 import torch
 
-from qatcli.data import TrainBatches, read_texts, tokenize_texts
-from qatcli.estimators import make_estimator
-from qatcli.fake_quant import prepare_qat
-from qatcli.grid import QuantSpec
-from qatcli.models import load_model, load_tokenizer, resolve_model
-from qatcli.rtn import quantize_rtn
+from qatcli.data.models import load_model, load_tokenizer, resolve_model
+from qatcli.data.sources import TrainBatches, read_texts, tokenize_texts
+from qatcli.qat.estimators import make_estimator
+from qatcli.qat.fake_quant import prepare_qat
+from qatcli.qat.trainer import ce_loss
+from qatcli.quant.grid import QuantSpec
+from qatcli.quant.rtn import quantize_rtn
+from qatcli.quant.targets import check_group_size, find_targets
 from qatcli.runtime import resolve_device
-from qatcli.targets import check_group_size, find_targets
-from qatcli.train import ce_loss
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import REPO, SOTU, machine, publish

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from qatcli.data import calibration_windows, eval_windows, read_texts, tokenize_texts
-from qatcli.models import load_tokenizer, resolve_model
+from qatcli.data.models import load_tokenizer, resolve_model
+from qatcli.data.sources import calibration_windows, eval_windows, read_texts, tokenize_texts
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import REPO, SOTU, machine, publish

@@ -21,10 +21,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from qatcli.data import TrainBatches, eval_windows, read_texts, tokenize_texts
-from qatcli.evaluate import perplexity
+from qatcli.data.perplexity import perplexity
+from qatcli.data.sources import TrainBatches, eval_windows, read_texts, tokenize_texts
 from qatcli.outputs import atomic_dir
-from qatcli.progress import progress_bar
+from qatcli.report.progress import progress_bar
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import SOTU

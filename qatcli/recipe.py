@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from qatcli.errors import QatcliError
-from qatcli.gptq_format import DENSE_DTYPES, FORMATS
-from qatcli.grid import SUPPORTED_BITS
+from qatcli.formats.gptq_format import DENSE_DTYPES, FORMATS
+from qatcli.quant.grid import SUPPORTED_BITS
 
 PTQ_METHODS = ("rtn", "gptq")
 EXPORT_FORMATS = FORMATS

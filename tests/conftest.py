@@ -12,12 +12,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from qatcli.checkpoint import save_checkpoint
-from qatcli.gptq import GPTQConfig
-from qatcli.gptq_model import quantize_gptq
-from qatcli.grid import QuantSpec
-from qatcli.rtn import quantize_rtn
-from qatcli.targets import find_targets
+from qatcli.formats.checkpoint import save_checkpoint
+from qatcli.quant.gptq import GPTQConfig
+from qatcli.quant.gptq_model import quantize_gptq
+from qatcli.quant.grid import QuantSpec
+from qatcli.quant.rtn import quantize_rtn
+from qatcli.quant.targets import find_targets
 
 SOTU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sotu"
 

@@ -10,8 +10,8 @@ import torch
 from conftest import run_cli
 from safetensors.torch import load_file
 
-from qatcli.checkpoint import load_checkpoint
-from qatcli.grid import QuantSpec, fake_quantize, group_qparams
+from qatcli.formats.checkpoint import load_checkpoint
+from qatcli.quant.grid import QuantSpec, fake_quantize, group_qparams
 
 
 def assert_one_line_error(result, fragment: str) -> None:

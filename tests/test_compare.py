@@ -13,9 +13,9 @@ from PIL import Image
 from test_cli import assert_one_line_error
 
 from qatcli import cli
-from qatcli.matrix import expand
+from qatcli.pipeline.matrix import expand
+from qatcli.qat.trainer import Trainer
 from qatcli.recipe import load_recipe
-from qatcli.train import Trainer
 
 RTN, QAT = "rtn-w2-g32", "qat-ste-rtn-w2-g32-s4"
 

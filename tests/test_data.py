@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qatcli.data import (
+from qatcli.data.sources import (
     GeneratedSpec,
     TrainBatches,
     calibration_windows,

@@ -8,11 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from qatcli.checkpoint import make_layer_quant
 from qatcli.errors import QatcliError
-from qatcli.estimators import FOURIER_C, Fourier, make_estimator
-from qatcli.fake_quant import FakeQuantLinear, convert_qat, prepare_qat
-from qatcli.grid import QuantSpec, default_g_idx, fake_quantize, group_qparams
+from qatcli.qat.estimators import FOURIER_C, Fourier, make_estimator
+from qatcli.qat.fake_quant import FakeQuantLinear, convert_qat, prepare_qat
+from qatcli.quant.grid import QuantSpec, default_g_idx, fake_quantize, group_qparams
+from qatcli.quant.layer import make_layer_quant
 
 
 def fake_linear(estimator_name: str, spec: QuantSpec, **options) -> FakeQuantLinear:

@@ -11,11 +11,11 @@ import torch
 from conftest import make_checkpoint, run_cli
 from safetensors.torch import load_file, save_file
 
-from qatcli.checkpoint import load_checkpoint
 from qatcli.errors import QatcliError
-from qatcli.export import export_gptq
-from qatcli.grid import QuantSpec
-from qatcli.packed_model import PackedLinear, load_gptq_model
+from qatcli.formats.checkpoint import load_checkpoint
+from qatcli.formats.export import export_gptq
+from qatcli.formats.packed_model import PackedLinear, load_gptq_model
+from qatcli.quant.grid import QuantSpec
 
 CPU = torch.device("cpu")
 

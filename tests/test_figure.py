@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qatcli.figure import plot_compare, ppl_decimals, ppl_label, spread_offsets
+from qatcli.report.figure import plot_compare, ppl_decimals, ppl_label, spread_offsets
 
 
 def test_decimals_follow_the_spread() -> None:

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from qatcli.errors import QatcliError
-from qatcli.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, inverse_cholesky
-from qatcli.gptq_model import sequential_groups
-from qatcli.grid import QuantSpec, default_g_idx, dequantize, fake_quantize, group_qparams, quantize
+from qatcli.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, inverse_cholesky
+from qatcli.quant.gptq_model import sequential_groups
+from qatcli.quant.grid import QuantSpec, default_g_idx, dequantize, fake_quantize, group_qparams, quantize
 
 OUT, IN, TOKENS = 64, 256, 2048
 

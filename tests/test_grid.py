@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qatcli.grid import (
+from qatcli.quant.grid import (
     QuantSpec,
     default_g_idx,
     dequantize,

@@ -13,9 +13,9 @@ import torch
 from conftest import make_checkpoint
 from transformers import AutoModelForCausalLM
 
-from qatcli.export import export_gptq
-from qatcli.grid import QuantSpec
-from qatcli.packed_model import load_gptq_model
+from qatcli.formats.export import export_gptq
+from qatcli.formats.packed_model import load_gptq_model
+from qatcli.quant.grid import QuantSpec
 
 
 @pytest.mark.parametrize(

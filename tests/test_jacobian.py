@@ -6,12 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from qatcli.checkpoint import make_layer_quant
 from qatcli.errors import QatcliError
-from qatcli.estimators import Jacobian, make_estimator
-from qatcli.estimators.jacobian import dither_slope, group_mean, group_order, probe_slope
-from qatcli.fake_quant import FakeQuantLinear, prepare_qat
-from qatcli.grid import QuantSpec, default_g_idx, fake_quantize_dense, group_qparams
+from qatcli.qat.estimators import Jacobian, make_estimator
+from qatcli.qat.estimators.jacobian import dither_slope, group_mean, group_order, probe_slope
+from qatcli.qat.fake_quant import FakeQuantLinear, prepare_qat
+from qatcli.quant.grid import QuantSpec, default_g_idx, fake_quantize_dense, group_qparams
+from qatcli.quant.layer import make_layer_quant
 
 
 def grid_quantizer(s: torch.Tensor, z: torch.Tensor, maxq: int):

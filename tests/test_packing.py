@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qatcli.packing import pack, unpack
+from qatcli.formats.packing import pack, unpack
 
 
 def as_unsigned(word: torch.Tensor) -> int:

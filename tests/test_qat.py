@@ -11,9 +11,9 @@ from conftest import run_cli
 from safetensors.torch import load_file
 from test_cli import assert_one_line_error
 
-from qatcli.checkpoint import load_checkpoint
-from qatcli.export import export_gptq
-from qatcli.packed_model import load_gptq_model
+from qatcli.formats.checkpoint import load_checkpoint
+from qatcli.formats.export import export_gptq
+from qatcli.formats.packed_model import load_gptq_model
 
 CPU = torch.device("cpu")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qatcli.variance_reduction import GradientCorrection
+from qatcli.qat.variance_reduction import GradientCorrection
 
 
 def test_correction_formula_and_state() -> None:

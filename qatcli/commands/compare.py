@@ -27,26 +27,26 @@ from typing import Any
 
 import torch
 
-from qatcli.checkpoint import is_checkpoint, read_meta
 from qatcli.commands.export import run_export
 from qatcli.commands.ptq import run_ptq
 from qatcli.commands.qat import check_init, run_qat
-from qatcli.data import check_data_spec
+from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
+from qatcli.data.perplexity import evaluate_on_data
+from qatcli.data.sources import check_data_spec
 from qatcli.errors import QatcliError
-from qatcli.estimators import check_estimator
-from qatcli.evaluate import evaluate_on_data
-from qatcli.figure import plot_compare
-from qatcli.grid import QuantSpec
-from qatcli.matrix import Cell, cell_recipe, checkpoint_key, eval_key, expand
-from qatcli.models import ModelRef, load_model, load_tokenizer, resolve_model
+from qatcli.formats.checkpoint import is_checkpoint, read_meta
+from qatcli.formats.packed_model import load_gptq_model
 from qatcli.outputs import atomic_file, write_json_atomic
-from qatcli.packed_model import load_gptq_model
-from qatcli.progress import overall_progress, stderr_console
+from qatcli.pipeline.matrix import Cell, cell_recipe, checkpoint_key, eval_key, expand
+from qatcli.qat.estimators import check_estimator
+from qatcli.qat.trainer import STATE_FILE
+from qatcli.quant.grid import QuantSpec
+from qatcli.quant.targets import check_group_size, find_targets
 from qatcli.recipe import Recipe
-from qatcli.report import fmt, print_table, tables_muted
+from qatcli.report.figure import plot_compare
+from qatcli.report.progress import overall_progress, stderr_console
+from qatcli.report.table import fmt, print_table, tables_muted
 from qatcli.runtime import resolve_device, seed_everything
-from qatcli.targets import check_group_size, find_targets
-from qatcli.train import STATE_FILE
 
 MARKER = "recipe.json"
 OUTPUTS = ("compare.json", "compare.csv", "compare.png")

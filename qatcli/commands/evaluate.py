@@ -12,17 +12,18 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from qatcli.checkpoint import is_checkpoint, load_checkpoint, quantized_bytes
-from qatcli.data import check_data_spec
+from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
+from qatcli.data.perplexity import evaluate_on_data
+from qatcli.data.sources import check_data_spec
 from qatcli.errors import QatcliError
-from qatcli.evaluate import evaluate_on_data
-from qatcli.models import ModelRef, load_model, load_tokenizer, resolve_model
+from qatcli.formats.checkpoint import is_checkpoint, load_checkpoint
+from qatcli.formats.packed_model import PackedLinear, load_gptq_model, packed_layer_bytes, read_gptq_config
 from qatcli.outputs import check_writable, write_json_atomic
-from qatcli.packed_model import PackedLinear, load_gptq_model, packed_layer_bytes, read_gptq_config
+from qatcli.quant.layer import quantized_bytes
+from qatcli.quant.targets import find_targets
 from qatcli.recipe import Recipe
-from qatcli.report import human_bytes, print_table
+from qatcli.report.table import human_bytes, print_table
 from qatcli.runtime import resolve_device, seed_everything
-from qatcli.targets import find_targets
 
 
 def _load(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qatcli.checkpoint import is_checkpoint
 from qatcli.errors import QatcliError
-from qatcli.export import FAST_KERNEL_GROUP_SIZES, export_gptq
+from qatcli.formats.checkpoint import is_checkpoint
+from qatcli.formats.export import FAST_KERNEL_GROUP_SIZES, export_gptq
 from qatcli.outputs import atomic_dir, check_writable
-from qatcli.progress import stderr_console
 from qatcli.recipe import Recipe
-from qatcli.report import human_bytes, print_table
+from qatcli.report.progress import stderr_console
+from qatcli.report.table import human_bytes, print_table
 
 
 def run_export(recipe: Recipe, checkpoint_arg: str | None, force: bool) -> None:

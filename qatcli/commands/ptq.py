@@ -9,21 +9,22 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from qatcli.checkpoint import LayerQuant, fake_quantized, provenance, quantized_bytes, save_checkpoint
-from qatcli.data import calibration_windows, check_data_spec, load_tokens
+from qatcli.data.generated import generated_tokens
+from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
+from qatcli.data.perplexity import evaluate_on_data
+from qatcli.data.sources import calibration_windows, check_data_spec, load_tokens
 from qatcli.errors import QatcliError
-from qatcli.evaluate import evaluate_on_data
-from qatcli.generated import generated_tokens
-from qatcli.gptq import GPTQConfig
-from qatcli.gptq_model import GPTQStats, quantize_gptq
-from qatcli.grid import QuantSpec
-from qatcli.models import ModelRef, load_model, load_tokenizer, resolve_model
+from qatcli.formats.checkpoint import provenance, save_checkpoint
 from qatcli.outputs import atomic_dir, check_writable
+from qatcli.quant.gptq import GPTQConfig
+from qatcli.quant.gptq_model import GPTQStats, quantize_gptq
+from qatcli.quant.grid import QuantSpec
+from qatcli.quant.layer import LayerQuant, fake_quantized, quantized_bytes
+from qatcli.quant.rtn import quantize_rtn
+from qatcli.quant.targets import check_group_size, find_targets
 from qatcli.recipe import Recipe
-from qatcli.report import human_bytes, print_table
-from qatcli.rtn import quantize_rtn
+from qatcli.report.table import human_bytes, print_table
 from qatcli.runtime import resolve_device, seed_everything
-from qatcli.targets import check_group_size, find_targets
 
 
 def gptq_from_recipe(

@@ -17,34 +17,25 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from qatcli.checkpoint import (
-    LayerQuant,
-    apply_fake_quant,
-    fake_quantized,
-    is_checkpoint,
-    load_checkpoint,
-    provenance,
-    quantized_bytes,
-    read_meta,
-    save_checkpoint,
-)
 from qatcli.commands.ptq import gptq_from_recipe
-from qatcli.data import TrainBatches, check_data_spec, load_tokens
+from qatcli.data.generated import generated_tokens
+from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
+from qatcli.data.perplexity import evaluate_on_data
+from qatcli.data.sources import TrainBatches, check_data_spec, load_tokens
 from qatcli.errors import QatcliError
-from qatcli.estimators import Estimator, make_estimator
-from qatcli.evaluate import evaluate_on_data
-from qatcli.fake_quant import convert_qat, prepare_qat
-from qatcli.generated import generated_tokens
-from qatcli.grid import QuantSpec
-from qatcli.models import ModelRef, load_model, load_tokenizer, resolve_model
+from qatcli.formats.checkpoint import is_checkpoint, load_checkpoint, provenance, read_meta, save_checkpoint
 from qatcli.outputs import atomic_dir, check_writable, write_json_atomic
-from qatcli.progress import stderr_console
+from qatcli.qat.estimators import Estimator, make_estimator
+from qatcli.qat.fake_quant import convert_qat, prepare_qat
+from qatcli.qat.trainer import METRICS_FILE, STATE_FILE, Trainer, TrainSettings
+from qatcli.quant.grid import QuantSpec
+from qatcli.quant.layer import LayerQuant, apply_fake_quant, fake_quantized, quantized_bytes
+from qatcli.quant.rtn import quantize_rtn
+from qatcli.quant.targets import check_group_size, find_targets
 from qatcli.recipe import Recipe
-from qatcli.report import print_table
-from qatcli.rtn import quantize_rtn
+from qatcli.report.progress import stderr_console
+from qatcli.report.table import print_table
 from qatcli.runtime import resolve_device, seed_everything
-from qatcli.targets import check_group_size, find_targets
-from qatcli.train import METRICS_FILE, STATE_FILE, Trainer, TrainSettings
 
 INITS = ("fp", "rtn", "gptq")
 BEFORE_FILE = "before.json"

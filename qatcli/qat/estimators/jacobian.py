@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from qatcli.errors import QatcliError
-from qatcli.estimators.base import Estimator, register
-from qatcli.grid import fake_quantize_dense, to_fp16_grid
+from qatcli.qat.estimators.base import Estimator, register
+from qatcli.quant.grid import fake_quantize_dense, to_fp16_grid
 
 if TYPE_CHECKING:
-    from qatcli.fake_quant import FakeQuantLinear
+    from qatcli.qat.fake_quant import FakeQuantLinear
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from qatcli.checkpoint import LayerQuant, make_layer_quant
-from qatcli.grid import QuantSpec, default_g_idx, group_qparams
-from qatcli.progress import progress_bar
+from qatcli.quant.grid import QuantSpec, default_g_idx, group_qparams
+from qatcli.quant.layer import LayerQuant, make_layer_quant
+from qatcli.report.progress import progress_bar
 
 
 def quantize_rtn(targets: dict[str, nn.Linear], spec: QuantSpec) -> dict[str, LayerQuant]:

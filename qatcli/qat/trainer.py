@@ -21,11 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatcli.data import TrainBatches
-from qatcli.estimators import Estimator
-from qatcli.fake_quant import FakeQuantLinear
-from qatcli.progress import progress_bar
-from qatcli.variance_reduction import GradientCorrection
+from qatcli.data.sources import TrainBatches
+from qatcli.qat.estimators import Estimator
+from qatcli.qat.fake_quant import FakeQuantLinear
+from qatcli.qat.variance_reduction import GradientCorrection
+from qatcli.report.progress import progress_bar
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"

@@ -20,11 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from qatcli.checkpoint import LayerQuant, make_layer_quant
-from qatcli.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
-from qatcli.grid import QuantSpec
-from qatcli.progress import progress_bar, stderr_console
-from qatcli.targets import decoder_blocks
+from qatcli.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from qatcli.quant.grid import QuantSpec
+from qatcli.quant.layer import LayerQuant, make_layer_quant
+from qatcli.quant.targets import decoder_blocks
+from qatcli.report.progress import progress_bar, stderr_console
 
 # The order in which a Llama-style block feeds its Linear layers; layers matching none come last.
 SEQUENTIAL_GROUPS = (r"\.(q|k|v)_proj$", r"\.o_proj$", r"\.(gate|up)_proj$", r"\.down_proj$")

@@ -17,7 +17,7 @@ import torch
 from qatcli.errors import QatcliError
 
 if TYPE_CHECKING:
-    from qatcli.fake_quant import FakeQuantLinear
+    from qatcli.qat.fake_quant import FakeQuantLinear
 
 ESTIMATORS: dict[str, type[Estimator]] = {}
 

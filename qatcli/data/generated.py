@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from qatcli.data import GeneratedSpec, Purpose
+from qatcli.data.models import ModelRef, cache_root, load_model, load_tokenizer
+from qatcli.data.sources import GeneratedSpec, Purpose
 from qatcli.errors import QatcliError
-from qatcli.models import ModelRef, cache_root, load_model, load_tokenizer
 from qatcli.outputs import atomic_dir
-from qatcli.progress import progress_bar
+from qatcli.report.progress import progress_bar
 
 HELD_OUT_EVERY = 5
 GREEDY_PREFIX = 3

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from qatcli.errors import QatcliError
-from qatcli.grid import QuantSpec, default_g_idx, fake_quantize_dense, group_qparams, row_qparams
+from qatcli.quant.grid import QuantSpec, default_g_idx, fake_quantize_dense, group_qparams, row_qparams
 
 MAX_DAMP = 10.0
 

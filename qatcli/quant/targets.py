@@ -10,7 +10,7 @@ import re
 from torch import nn
 
 from qatcli.errors import QatcliError
-from qatcli.grid import QuantSpec
+from qatcli.quant.grid import QuantSpec
 
 _COMMON_GROUP_SIZES = (32, 64, 128, 256)
 

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatcli.checkpoint import LayerQuant, make_layer_quant
-from qatcli.estimators import Estimator
-from qatcli.grid import round_to_grid, to_fp16_grid
+from qatcli.qat.estimators import Estimator
+from qatcli.quant.grid import round_to_grid, to_fp16_grid
+from qatcli.quant.layer import LayerQuant, make_layer_quant
 
 
 class _FakeQuantize(torch.autograd.Function):

@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from qatcli.checkpoint import load_checkpoint
 from qatcli.errors import QatcliError
-from qatcli.gptq_format import (
+from qatcli.formats.checkpoint import load_checkpoint
+from qatcli.formats.gptq_format import (
     DENSE_DTYPES,
     SAFETENSORS_INDEX,
     TENSOR_SUFFIXES,
@@ -20,8 +20,8 @@ from qatcli.gptq_format import (
     pack_layer,
     quantization_config,
 )
-from qatcli.grid import QuantSpec, quantize
-from qatcli.progress import progress_bar
+from qatcli.quant.grid import QuantSpec, quantize
+from qatcli.report.progress import progress_bar
 
 
 @dataclass

@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from qatcli.data import eval_windows, load_tokens
-from qatcli.generated import generated_tokens
-from qatcli.models import ModelRef
-from qatcli.progress import progress_bar
+from qatcli.data.generated import generated_tokens
+from qatcli.data.models import ModelRef
+from qatcli.data.sources import eval_windows, load_tokens
 from qatcli.recipe import EvalConfig
+from qatcli.report.progress import progress_bar
 
 
 @dataclass(frozen=True)

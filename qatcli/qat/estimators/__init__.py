@@ -1,9 +1,9 @@
 """Backward-pass estimators for rounding in QAT: ste, fourier (StableQAT) and jacobian (after JacQuant)."""
 
-from qatcli.estimators.base import ESTIMATORS, Estimator, check_estimator, make_estimator, register
-from qatcli.estimators.fourier import FOURIER_C, Fourier
-from qatcli.estimators.jacobian import Jacobian
-from qatcli.estimators.ste import STE
+from qatcli.qat.estimators.base import ESTIMATORS, Estimator, check_estimator, make_estimator, register
+from qatcli.qat.estimators.fourier import FOURIER_C, Fourier
+from qatcli.qat.estimators.jacobian import Jacobian
+from qatcli.qat.estimators.ste import STE
 
 __all__ = [
     "ESTIMATORS",

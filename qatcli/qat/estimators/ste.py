@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from qatcli.estimators.base import Estimator, register
+from qatcli.qat.estimators.base import Estimator, register
 
 
 @register

@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import json
 import platform
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,42 +31,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from qatcli import __version__
 from qatcli.errors import QatcliError
-from qatcli.grid import QuantSpec, fake_quantize, packed_bytes, quantize
+from qatcli.quant.grid import QuantSpec
+from qatcli.quant.layer import LayerQuant, apply_fake_quant
 
 FORMAT = "qatcli-checkpoint"
 FORMAT_VERSION = 1
 META_FILE = "qatcli.json"
 QUANT_FILE = "quant.safetensors"
-
-
-@dataclass
-class LayerQuant:
-    """The grid of one quantized Linear: its spec and per-group parameters."""
-
-    spec: QuantSpec
-    scales: torch.Tensor  # fp16 [out, G]
-    zeros: torch.Tensor  # uint8 [out, G]
-    g_idx: torch.Tensor  # int32 [in]
-    act_order: bool = False
-
-    def codes(self, weight: torch.Tensor) -> torch.Tensor:
-        return quantize(weight, self.scales, self.zeros, self.g_idx, self.spec.maxq)
-
-    def fake_quant(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(weight, self.scales, self.zeros, self.g_idx, self.spec.maxq)
-
-
-def make_layer_quant(
-    spec: QuantSpec, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor, act_order: bool = False
-) -> LayerQuant:
-    """Store parameters in their checkpoint dtypes (the scales are already on the fp16 grid)."""
-    return LayerQuant(
-        spec=spec,
-        scales=scales.to(torch.float16).cpu(),
-        zeros=zeros.round().to(torch.uint8).cpu(),
-        g_idx=g_idx.to(torch.int32).cpu(),
-        act_order=act_order,
-    )
 
 
 def provenance(command: str, device: torch.device, seed: int) -> dict[str, Any]:
@@ -189,33 +157,3 @@ def load_checkpoint(
     if fake_quant:
         apply_fake_quant(model, layers)
     return model.to(device).eval(), tokenizer, meta, layers
-
-
-@torch.no_grad()
-def apply_fake_quant(model: nn.Module, layers: dict[str, LayerQuant]) -> dict[str, torch.Tensor]:
-    """Replace each quantized layer's weight by its quantized value; return the latent weights it held."""
-    modules = dict(model.named_modules())
-    latent = {}
-    for name, lq in layers.items():
-        weight = modules[name].weight
-        latent[name] = weight.detach().clone()
-        weight.copy_(lq.fake_quant(weight).to(weight.device))
-    return latent
-
-
-@contextmanager
-def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[nn.Module]:
-    """The model computing with quantized weights inside the block, its latent weights restored after."""
-    latent = apply_fake_quant(model, layers)
-    try:
-        yield model
-    finally:
-        modules = dict(model.named_modules())
-        with torch.no_grad():
-            for name, weight in latent.items():
-                modules[name].weight.copy_(weight)
-
-
-def quantized_bytes(layers: dict[str, LayerQuant]) -> int:
-    """Size of the quantized layers in the GPTQ export (qweight, qzeros, scales, g_idx)."""
-    return sum(packed_bytes(lq.scales.shape[0], lq.g_idx.numel(), lq.spec) for lq in layers.values())

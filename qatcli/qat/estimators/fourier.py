@@ -7,7 +7,7 @@ import math
 import torch
 
 from qatcli.errors import QatcliError
-from qatcli.estimators.base import Estimator, register
+from qatcli.qat.estimators.base import Estimator, register
 
 FOURIER_C = math.sqrt(2) * math.pi
 

@@ -18,8 +18,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from qatcli.errors import QatcliError
-from qatcli.gptq_format import FORMATS, SAFETENSORS_INDEX, TENSOR_SUFFIXES, PackedLayer, unpack_layer
-from qatcli.grid import SUPPORTED_BITS, dequantize
+from qatcli.formats.gptq_format import FORMATS, SAFETENSORS_INDEX, TENSOR_SUFFIXES, PackedLayer, unpack_layer
+from qatcli.quant.grid import SUPPORTED_BITS, dequantize
 
 
 class PackedLinear(nn.Module):

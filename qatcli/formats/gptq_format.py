@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from qatcli import __version__
-from qatcli.grid import QuantSpec
-from qatcli.packing import pack, unpack
+from qatcli.formats.packing import pack, unpack
+from qatcli.quant.grid import QuantSpec
 
 FORMATS = ("gptq", "gptq_v2")
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
