@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedTokenizerBase
 
-from qatcli.data.generated import generated_tokens
-from qatcli.data.models import ModelRef
-from qatcli.data.sources import eval_windows, load_tokens
+from qatcli.data.sources import eval_windows
+from qatcli.data.tokens import TokenSource
 from qatcli.recipe import EvalConfig
 from qatcli.report.progress import progress_bar
 
@@ -48,17 +45,8 @@ def perplexity(
 
 
 def evaluate_on_data(
-    model: nn.Module,
-    tokenizer: PreTrainedTokenizerBase,
-    base_model: Callable[[], ModelRef],
-    cfg: EvalConfig,
-    seed: int,
-    device: torch.device,
-    label: str,
+    model: nn.Module, source: TokenSource, cfg: EvalConfig, device: torch.device, label: str
 ) -> Perplexity:
-    """Perplexity of ``model`` on ``cfg.data``; ``base_model`` names the fp model that ``generated:`` samples."""
+    """Perplexity of ``model`` on the windows of ``cfg.data``, read through the command's token source."""
     assert cfg.data is not None
-    tokens = load_tokens(
-        cfg.data, "eval", tokenizer, lambda gen, purpose: generated_tokens(base_model(), gen, purpose, seed, device)
-    )
-    return perplexity(model, eval_windows(tokens, cfg.seqlen, cfg.max_windows), device, label)
+    return perplexity(model, eval_windows(source.tokens(cfg.data, "eval"), cfg.seqlen, cfg.max_windows), device, label)

@@ -11,7 +11,6 @@ Records are joined with "\\n\\n" and tokenized once, as the GPTQ evaluation does
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -117,21 +116,6 @@ def read_texts(spec: str, purpose: Purpose) -> list[str]:
 def tokenize_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
     ids = tokenizer("\n\n".join(texts), verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
-
-
-# Produces the token stream of a ``generated:`` spec for a purpose; supplied by the caller, who
-# knows which full-precision model generates (see generated.generated_tokens).
-GeneratedTokens = Callable[[GeneratedSpec, Purpose], torch.Tensor]
-
-
-def load_tokens(
-    spec: str, purpose: Purpose, tokenizer: PreTrainedTokenizerBase, generated: GeneratedTokens
-) -> torch.Tensor:
-    """The 1-D token stream of a data spec, for one purpose."""
-    gen = parse_generated(spec)
-    if gen is not None:
-        return generated(gen, purpose)
-    return tokenize_texts(read_texts(spec, purpose), tokenizer)
 
 
 def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
