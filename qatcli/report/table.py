@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import Any
 
 from rich.console import Console
@@ -39,14 +38,3 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     for row in rows:
         table.add_row(*(fmt(v) for v in row))
     console.print(table)
-
-
-@contextmanager
-def tables_muted() -> Iterator[None]:
-    """Hold back the tables printed inside the block (commands run as steps of a bigger one)."""
-    before = console.quiet
-    console.quiet = True
-    try:
-        yield
-    finally:
-        console.quiet = before

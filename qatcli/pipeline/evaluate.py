@@ -1,0 +1,129 @@
+"""Perplexity of any mix of full-precision models, qatcli checkpoints and GPTQ-format directories."""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
+from qatcli.data.perplexity import evaluate_on_data
+from qatcli.data.tokens import TokenSource
+from qatcli.errors import QatcliError
+from qatcli.formats.checkpoint import is_checkpoint, load_checkpoint
+from qatcli.formats.packed_model import PackedLinear, load_gptq_model, packed_layer_bytes, read_gptq_config
+from qatcli.pipeline.inputs import Problems
+from qatcli.quant.layer import quantized_bytes
+from qatcli.quant.targets import find_targets
+from qatcli.recipe import Recipe
+from qatcli.runtime import resolve_device, seed_everything
+
+
+@dataclass
+class Loaded:
+    """A model ready to evaluate, the fields of its result row, and the full-precision model it came from."""
+
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    info: dict[str, Any]
+    base: ModelRef | None
+
+
+def _base_of(spec: str | None) -> ModelRef | None:
+    """The recorded base model of a quantized model, where it can still be found."""
+    if spec is None:
+        return None
+    try:
+        return resolve_model(spec)
+    except QatcliError:
+        return None
+
+
+def load_for_eval(spec: str, device: torch.device) -> Loaded:
+    path = Path(spec)
+    if is_checkpoint(path):
+        model, tokenizer, meta, layers = load_checkpoint(path, device)
+        q = meta["quantization"]
+        info = {
+            "method": meta["method"],
+            "format": "qatcli",
+            "bits": q["bits"],
+            "group_size": q["group_size"],
+            "sym": q["sym"],
+            "weight_bytes": quantized_bytes(layers),
+            "base_model": meta["base_model"]["spec"],
+        }
+        return Loaded(model, tokenizer, info, _base_of(info["base_model"]))
+    if path.is_dir() and read_gptq_config(path) is not None:
+        model, tokenizer, qcfg = load_gptq_model(path, device)
+        packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
+        qmeta = qcfg.get("meta", {})
+        info = {
+            "method": qmeta.get("qatcli_method", "gptq"),
+            "format": qcfg.get("checkpoint_format", qcfg.get("format", "gptq")),
+            "bits": qcfg["bits"],
+            "group_size": qcfg.get("group_size"),
+            "sym": qcfg.get("sym"),
+            "weight_bytes": sum(packed_layer_bytes(m) for m in packed),
+            "base_model": qmeta.get("qatcli_base_model"),
+        }
+        return Loaded(model, tokenizer, info, _base_of(info["base_model"]))
+    ref = resolve_model(spec)
+    model = load_model(ref, device)
+    fp16_bytes = sum(m.weight.numel() * 2 for m in find_targets(model, [], []).values())
+    info = {
+        "method": "fp",
+        "format": "fp",
+        "bits": None,
+        "group_size": None,
+        "sym": None,
+        "weight_bytes": fp16_bytes,
+        "base_model": ref.spec,
+    }
+    return Loaded(model, load_tokenizer(ref), info, ref)
+
+
+def check_eval(recipe: Recipe, models: list[str]) -> None:
+    problems = Problems()
+    if not models:
+        problems.add("no model to evaluate: give MODEL_OR_CHECKPOINT arguments or set eval.models")
+    problems.data(recipe.eval.data, "no evaluation data: pass --data or set eval.data in the recipe")
+    for spec in models:
+        if not is_checkpoint(Path(spec)) and read_gptq_config(Path(spec)) is None:
+            problems.model(spec, "")
+    problems.raise_if_any()
+
+
+def evaluate_models(recipe: Recipe, models: list[str]) -> list[dict[str, Any]]:
+    """One result row per model, all on the same windows of ``recipe.eval.data``."""
+    check_eval(recipe, models)
+    device = resolve_device(recipe.device)
+    assert recipe.eval.data is not None
+    rows = []
+    for spec in models:
+        seed_everything(recipe.seed)
+        t0 = time.perf_counter()
+        loaded = load_for_eval(spec, device)
+        source = TokenSource(loaded.tokenizer, loaded.base, recipe.seed, device)
+        result = evaluate_on_data(loaded.model, source, recipe.eval, device, Path(spec).name)
+        rows.append(
+            {
+                "name": spec,
+                **loaded.info,
+                "ppl": result.ppl,
+                "nll": result.nll,
+                "windows": result.windows,
+                "seqlen": result.seqlen,
+                "data": recipe.eval.data,
+                "seconds": round(time.perf_counter() - t0, 3),
+            }
+        )
+        del loaded
+        gc.collect()
+    return rows

@@ -1,0 +1,32 @@
+"""A qatcli checkpoint to a deployable GPTQ-format directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qatcli.formats.checkpoint import is_checkpoint
+from qatcli.formats.export import ExportReport, export_gptq
+from qatcli.outputs import atomic_dir
+from qatcli.pipeline.inputs import Problems
+from qatcli.recipe import Recipe
+
+
+def check_export(recipe: Recipe, checkpoint: str | None, force: bool) -> tuple[Path, Path]:
+    problems = Problems()
+    if checkpoint is None:
+        problems.add("no checkpoint: give CHECKPOINT or set 'output' (the ptq/qat output) in the recipe")
+    elif not is_checkpoint(Path(checkpoint)):
+        problems.add(f"'{checkpoint}' is not a qatcli checkpoint directory (no qatcli.json)")
+    problems.output(recipe.export.output, force, "no export directory: pass -o DIR or set export.output in the recipe")
+    problems.raise_if_any()
+    assert checkpoint is not None and recipe.export.output is not None
+    return Path(checkpoint), Path(recipe.export.output)
+
+
+def export_checkpoint(recipe: Recipe, checkpoint_arg: str | None, force: bool) -> tuple[Path, ExportReport]:
+    """Write the export of ``checkpoint_arg`` (default: the recipe's output) into ``export.output``."""
+    checkpoint, output = check_export(recipe, checkpoint_arg or recipe.output, force)
+    e = recipe.export
+    with atomic_dir(output, force) as tmp:
+        report = export_gptq(checkpoint, tmp, e.format, e.dtype, e.max_shard_mib * 2**20, e.v1_clamp_zeros)
+    return output, report

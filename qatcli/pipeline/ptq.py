@@ -1,0 +1,166 @@
+"""Post-training quantization of a full-precision model into a qatcli checkpoint (RTN or GPTQ)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from qatcli.data.models import ModelRef, load_model, load_tokenizer
+from qatcli.data.perplexity import evaluate_on_data
+from qatcli.data.sources import calibration_windows
+from qatcli.data.tokens import TokenSource
+from qatcli.formats.checkpoint import provenance, save_checkpoint
+from qatcli.outputs import atomic_dir
+from qatcli.pipeline.inputs import Problems
+from qatcli.quant.gptq import GPTQConfig
+from qatcli.quant.gptq_model import GPTQStats, quantize_gptq
+from qatcli.quant.grid import QuantSpec
+from qatcli.quant.layer import LayerQuant, fake_quantized, quantized_bytes
+from qatcli.quant.rtn import quantize_rtn
+from qatcli.quant.targets import check_group_size, find_targets
+from qatcli.recipe import Recipe
+from qatcli.runtime import resolve_device, seed_everything
+
+
+@dataclass
+class Base:
+    """A loaded full-precision model, the layers to quantize and the grid they get."""
+
+    ref: ModelRef
+    model: nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    targets: dict[str, nn.Linear]
+    spec: QuantSpec
+
+
+@dataclass
+class Made:
+    """A checkpoint written by ptq or qat: where, what it holds and what it measured."""
+
+    output: Path
+    meta: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.meta["metrics"]
+
+
+def base_meta(ref: ModelRef) -> dict[str, str]:
+    return {"spec": ref.spec, "kind": ref.kind, "location": ref.location}
+
+
+def load_base(recipe: Recipe, ref: ModelRef, device: torch.device) -> Base:
+    """The model in fp32 on ``device`` with its quantization targets; the group size must fit them."""
+    q = recipe.quant
+    model = load_model(ref, device)
+    tokenizer = load_tokenizer(ref)
+    targets = find_targets(model, q.include, q.exclude)
+    spec = QuantSpec(q.bits, q.group_size, q.sym)
+    check_group_size(targets, spec)
+    return Base(ref, model, tokenizer, targets, spec)
+
+
+def gptq_layers(
+    recipe: Recipe, base: Base, source: TokenSource, device: torch.device
+) -> tuple[dict[str, LayerQuant], GPTQStats]:
+    """GPTQ with the recipe's calibration windows and options."""
+    c, o = recipe.calib, recipe.gptq
+    assert c.data is not None
+    windows = calibration_windows(source.tokens(c.data, "calib"), c.nsamples, c.seqlen, recipe.seed)
+    cfg = GPTQConfig(damp=o.damp, block_size=o.block_size, act_order=o.act_order, static_groups=o.static_groups)
+    return quantize_gptq(base.model, base.targets, base.spec, cfg, windows, device, o.true_sequential, o.batch_size)
+
+
+def check_ptq(recipe: Recipe, force: bool) -> ModelRef:
+    """Every input problem of a ptq run at once; the base model's reference when there is none."""
+    problems = Problems()
+    ref = problems.model(recipe.model, "give MODEL on the command line or set 'model' in the recipe")
+    problems.output(recipe.output, force, "no output directory: pass -o DIR or set 'output' in the recipe")
+    if recipe.quant.method == "gptq":
+        problems.data(
+            recipe.calib.data, "gptq needs calibration data: pass --calib-data or set calib.data in the recipe"
+        )
+    if recipe.eval.data is not None:
+        problems.data(recipe.eval.data, "")
+    problems.raise_if_any()
+    assert ref is not None
+    return ref
+
+
+def evaluate_layers(
+    base: Base, layers: dict[str, LayerQuant], recipe: Recipe, source: TokenSource, device: torch.device, label: str
+) -> dict[str, Any]:
+    """Perplexity of the model with ``layers`` applied, as recorded in a checkpoint's metrics."""
+    t0 = time.perf_counter()
+    with fake_quantized(base.model, layers):
+        result = evaluate_on_data(base.model, source, recipe.eval, device, label)
+    return {
+        "data": recipe.eval.data,
+        "ppl": result.ppl,
+        "windows": result.windows,
+        "seqlen": result.seqlen,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+
+
+def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
+    ref = check_ptq(recipe, force)
+    out = Path(str(recipe.output))
+    device = resolve_device(recipe.device)
+    seed_everything(recipe.seed)
+
+    t0 = time.perf_counter()
+    base = load_base(recipe, ref, device)
+    source = TokenSource(base.tokenizer, ref, recipe.seed, device)
+    load_seconds = time.perf_counter() - t0
+
+    q = recipe.quant
+    quantization: dict[str, Any] = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym}
+    extra: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    if q.method == "gptq":
+        c, o = recipe.calib, recipe.gptq
+        layers, stats = gptq_layers(recipe, base, source, device)
+        quantization.update(
+            damp_percent=o.damp,
+            desc_act=o.act_order,
+            static_groups=o.static_groups,
+            true_sequential=o.true_sequential,
+            block_size=o.block_size,
+        )
+        extra = {
+            "calibration": {"data": c.data, "nsamples": c.nsamples, "seqlen": c.seqlen},
+            "gptq_loss": sum(stats.loss.values()),
+            "damp_raised": stats.damp_raised,
+            "peak_rss_mib": round(stats.peak_rss_mib, 1),
+            "peak_cuda_mib": None if stats.peak_cuda_mib is None else round(stats.peak_cuda_mib, 1),
+        }
+    else:
+        layers = quantize_rtn(base.targets, base.spec)
+    metrics: dict[str, Any] = {
+        "load_seconds": round(load_seconds, 3),
+        "quantize_seconds": round(time.perf_counter() - t0, 3),
+        "quantized_layers": len(layers),
+        "quantized_bytes": quantized_bytes(layers),
+        "fp16_bytes": sum(m.weight.numel() * 2 for m in base.targets.values()),
+        **extra,
+    }
+    if recipe.eval.data is not None:
+        metrics["eval"] = evaluate_layers(base, layers, recipe, source, device, "eval")
+    meta = {
+        "method": q.method,
+        "base_model": base_meta(ref),
+        "quantization": quantization,
+        "recipe": recipe.to_dict(),
+        "provenance": provenance("ptq", device, recipe.seed),
+        "metrics": metrics,
+    }
+    with atomic_dir(out, force) as tmp:
+        save_checkpoint(tmp, base.model, base.tokenizer, layers, meta)
+    return Made(out, meta)

@@ -1,0 +1,159 @@
+"""The pipeline layer through the command line: QAT from every init, eval of exports on generated data, input
+errors gathered before any work, a real SIGINT, and the import structure (no command imports another)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parents[1] / "qatcli"
+
+
+def qat_cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "qat",
+        str(model),
+        "--bits",
+        "3",
+        "--group-size",
+        "32",
+        "--data",
+        str(data),
+        "--set",
+        "qat.seqlen=64",
+        "--batch-size",
+        "2",
+        "--steps",
+        "2",
+        "-o",
+        str(out),
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("estimator", ["ste", "fourier", "jacobian"])
+def test_qat_starts_from_gptq_with_every_estimator(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path, estimator: str
+) -> None:
+    out = tmp_path / "qat"
+    args = qat_cmd(tiny_model_dir, sotu / "valid.txt", out, "--estimator", estimator, "--init", "gptq")
+    result = run_cli(*args, "--calib-data", str(sotu / "train.txt"), "--nsamples", "8")
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "qatcli.json").read_text())
+    assert meta["qat"]["init"] == "gptq"
+    assert meta["qat"]["estimator"]["name"] == estimator
+    assert meta["metrics"]["steps"] == 2
+
+
+def test_qat_starts_from_a_checkpoint(tiny_model_dir: Path, sotu: Path, tmp_path: Path) -> None:
+    start = tmp_path / "rtn"
+    made = run_cli("ptq", str(tiny_model_dir), "--bits", "3", "--group-size", "32", "-o", str(start))
+    assert made.returncode == 0, made.stderr
+    out = tmp_path / "qat"
+    result = run_cli(*qat_cmd(tiny_model_dir, sotu / "valid.txt", out, "--init", str(start)))
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "qatcli.json").read_text())
+    assert meta["qat"]["init"] == str(start)
+    assert meta["base_model"]["spec"] == str(tiny_model_dir)
+    wrong = run_cli(*qat_cmd(tiny_model_dir, sotu / "valid.txt", tmp_path / "q2", "--init", str(start), "--bits", "2"))
+    assert wrong.returncode == 2 and "the recipe asks for" in wrong.stderr
+
+
+def test_eval_of_an_export_samples_its_recorded_base_model(tiny_model_dir: Path, tmp_path: Path) -> None:
+    ckpt, export = tmp_path / "rtn", tmp_path / "gptq"
+    assert run_cli("ptq", str(tiny_model_dir), "--bits", "4", "--group-size", "32", "-o", str(ckpt)).returncode == 0
+    assert run_cli("export", str(ckpt), "-o", str(export)).returncode == 0
+    qcfg = json.loads((export / "config.json").read_text())["quantization_config"]
+    assert qcfg["meta"]["qatcli_base_model"] == str(tiny_model_dir)
+    json_path = tmp_path / "rows.json"
+    args = ["eval", str(ckpt), str(export), "--data", "generated:4:64", "--json", str(json_path)]
+    result = run_cli(*args, "--seqlen", "32", cache=tmp_path / "cache")
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(json_path.read_text())
+    assert [r["windows"] for r in rows] == [rows[0]["windows"]] * 2
+    # the same windows: the checkpoint (fp32 dense parts) and its export (fp16 dense parts) agree closely
+    assert rows[1]["ppl"] == pytest.approx(rows[0]["ppl"], rel=0.01)
+
+
+def test_input_errors_are_reported_together_before_any_work(tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "file").write_text("x")
+    args = ["ptq", str(tmp_path / "no-model"), "--method", "gptq", "--calib-data", str(tmp_path / "none.txt")]
+    result = run_cli(*args, "-o", str(taken))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "3 problems" in lines[0], result.stderr
+    for fragment in ("no-model", "none.txt", "taken"):
+        assert fragment in lines[0]
+
+
+def test_sigint_saves_the_run_and_resume_continues_it(tiny_model_dir: Path, sotu: Path, tmp_path: Path) -> None:
+    out = tmp_path / "qat"
+    args = qat_cmd(tiny_model_dir, sotu / "valid.txt", out, "--steps", "10000", "--save-every", "10000")
+    proc = subprocess.Popen([sys.executable, "-m", "qatcli", *args], stderr=subprocess.PIPE, text=True)
+    metrics = out.with_name("qat.run") / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, "qat ended or never started training"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "interrupted at step" in stderr and "Traceback" not in stderr
+    step = int(stderr.split("interrupted at step")[1].split(";")[0])
+    resumed = run_cli(*args, "--resume", "--stop-after", str(step + 1))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {step} of 10000" in resumed.stderr
+
+
+def _imports(path: Path) -> set[str]:
+    """Modules of qatcli imported at module level, type-checking imports included."""
+    found = set()
+    body = ast.parse(path.read_text()).body
+    for node in body:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            body.extend(node.body)
+    for node in body:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qatcli"):
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("qatcli"))
+    return found
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_no_command_imports_another_and_modules_form_no_cycle() -> None:
+    graph = {_module_name(p): _imports(p) for p in ROOT.rglob("*.py")}
+    for name, deps in graph.items():
+        if name.startswith("qatcli.commands."):
+            assert not any(d.startswith("qatcli.commands") for d in deps), f"{name} imports a command"
+        if not name.startswith(("qatcli.commands", "qatcli.cli")):
+            assert not any(d.startswith("qatcli.commands") for d in deps), f"{name} imports from commands"
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in graph.get(node, set()):
+            dep = dep if dep in graph else dep.rpartition(".")[0]
+            assert state.get(dep) != 1, "import cycle: " + " -> ".join([*path, node, dep])
+            if dep in graph and dep not in state:
+                visit(dep, [*path, node])
+        state[node] = 2
+
+    for module in graph:
+        if module not in state:
+            visit(module, [])
