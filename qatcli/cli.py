@@ -1,9 +1,14 @@
-"""The command line: options become recipe overrides; each subcommand's work lives in qatcli.commands."""
+"""The command line: options become recipe overrides; each subcommand's work lives in qatcli.commands.
+
+An option that sets a recipe value is named after its key and takes its help from the field's doc in
+qatcli.recipe, so flags, recipes and their documentation say the same thing.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -11,7 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from qatcli.errors import QatcliError
-from qatcli.recipe import load_recipe, parse_assignments
+from qatcli.recipe import Recipe, field_help, load_recipe, parse_assignments
 
 INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
 
@@ -23,45 +28,133 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
+def flag(key: str, *decls: str, **kwargs: Any) -> Any:
+    """An option that sets the recipe value ``key``; its help is that field's doc (qatcli.recipe)."""
+    return typer.Option(*decls, help=field_help(key), **kwargs)
+
+
+def _group_size(text: str) -> int | str:
+    """auto, or an integer; any other text goes on to the recipe check, which names what is allowed."""
+    text = text.strip()
+    return int(text) if re.fullmatch(r"[-+]?\d+", text) else text
+
+
 RecipeOpt = Annotated[Path | None, typer.Option("--recipe", "-r", help="YAML recipe; flags override its values.")]
-DeviceOpt = Annotated[str | None, typer.Option(help="auto (CUDA if present), cpu, cuda or cuda:N.")]
-SeedOpt = Annotated[int | None, typer.Option(help="Random seed (default 0).")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
-DataOpt = Annotated[str | None, typer.Option(help="Text file, .jsonl, hf:NAME[:CONFIG], wikitext2 or generated:N.")]
-SeqlenOpt = Annotated[int | None, typer.Option(help="Tokens per evaluation window (default 512).")]
-MaxWindowsOpt = Annotated[int | None, typer.Option(help="Evaluate at most this many windows.")]
-ModelArg = Annotated[str | None, typer.Argument(help="Model directory, hub id or built-in alias.")]
-BitsOpt = Annotated[int | None, typer.Option(help="Weight bits: 2, 3, 4 or 8.")]
-GroupSizeOpt = Annotated[int | None, typer.Option(help="Input columns per group; -1 for one per row.")]
-SymOpt = Annotated[bool | None, typer.Option("--sym/--asym", help="Symmetric (default) or asymmetric grid.")]
-OutputOpt = Annotated[str | None, typer.Option("--output", "-o", help="Checkpoint directory to write.")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set", help="Any recipe value as KEY=VALUE, e.g. qat.jacobian.blend=1 (repeatable; applied after the flags)."
+    ),
+]
+ModelArg = Annotated[str | None, typer.Argument(help=field_help("model"))]
+OutputOpt = Annotated[str | None, flag("output", "--output", "-o")]
+DeviceOpt = Annotated[str | None, flag("device")]
+SeedOpt = Annotated[int | None, flag("seed")]
+BitsOpt = Annotated[int | None, flag("quant.bits")]
+# Any: typer refuses a union such as int | str; the parser gives an int or the text (auto).
+GroupSizeOpt = Annotated[Any, flag("quant.group_size", parser=_group_size, metavar="auto|-1|N")]
+SymOpt = Annotated[bool | None, flag("quant.sym", "--sym/--asym")]
+CalibDataOpt = Annotated[str | None, flag("calib.data")]
+NsamplesOpt = Annotated[int | None, flag("calib.nsamples")]
+CalibSeqlenOpt = Annotated[int | None, flag("calib.seqlen", "--calib-seqlen")]
+EvalDataOpt = Annotated[str | None, flag("eval.data", "--eval-data")]
+EvalSeqlenOpt = Annotated[int | None, flag("eval.seqlen", "--eval-seqlen")]
+MaxWindowsOpt = Annotated[int | None, flag("eval.max_windows")]
+
+# Each command's options by parameter name, with the recipe key each one sets: one key per option, and
+# an option name means the same key in every command, except --seqlen, --data and --output, which name
+# the obvious one of each command (ptq: calibration, qat: training, eval: evaluation).
+SHARED_KEYS = {"device": "device", "seed": "seed"}
+QUANT_KEYS = {"bits": "quant.bits", "group_size": "quant.group_size", "sym": "quant.sym"}
+EVAL_KEYS = {"eval_data": "eval.data", "eval_seqlen": "eval.seqlen", "max_windows": "eval.max_windows"}
+COMMAND_KEYS: dict[str, dict[str, str]] = {
+    "ptq": {
+        "model": "model",
+        "output": "output",
+        "method": "quant.method",
+        **QUANT_KEYS,
+        "include": "quant.include",
+        "exclude": "quant.exclude",
+        "calib_data": "calib.data",
+        "nsamples": "calib.nsamples",
+        "seqlen": "calib.seqlen",
+        "damp": "gptq.damp",
+        "block_size": "gptq.block_size",
+        "act_order": "gptq.act_order",
+        "static_groups": "gptq.static_groups",
+        "true_sequential": "gptq.true_sequential",
+        **EVAL_KEYS,
+        **SHARED_KEYS,
+    },
+    "qat": {
+        "model": "model",
+        "output": "output",
+        **QUANT_KEYS,
+        "estimator": "qat.estimator",
+        "amplitudes": "qat.amplitudes",
+        "init": "qat.init",
+        "data": "qat.data",
+        "steps": "qat.steps",
+        "batch_size": "qat.batch_size",
+        "seqlen": "qat.seqlen",
+        "grad_accum": "qat.grad_accum",
+        "lr": "qat.lr",
+        "scale_lr": "qat.scale_lr",
+        "loss": "qat.loss",
+        "variance_reduction": "qat.variance_reduction",
+        "save_every": "qat.save_every",
+        "calib_data": "calib.data",
+        "nsamples": "calib.nsamples",
+        "calib_seqlen": "calib.seqlen",
+        **EVAL_KEYS,
+        **SHARED_KEYS,
+    },
+    "eval": {"data": "eval.data", "seqlen": "eval.seqlen", "max_windows": "eval.max_windows", **SHARED_KEYS},
+    "export": {
+        "output": "export.output",
+        "fmt": "export.format",
+        "dtype": "export.dtype",
+        "max_shard_mib": "export.max_shard_mib",
+        "v1_clamp_zeros": "export.v1_clamp_zeros",
+    },
+    "compare": {"output": "output", **EVAL_KEYS, "device": "device"},
+}
+
+
+def _load(command: str, recipe: Path | None, params: dict[str, Any], assignments: list[str] | None) -> Recipe:
+    """The recipe file with the options given to ``command`` (``params``, its arguments by name) and then
+    the --set assignments applied; an option not given (None, or an empty repeatable one) changes nothing."""
+    overrides = {key: params[name] if params[name] != [] else None for name, key in COMMAND_KEYS[command].items()}
+    return load_recipe(recipe, {**overrides, **parse_assignments(assignments or [])})
 
 
 @app.command()
 def ptq(
     model: ModelArg = None,
     recipe: RecipeOpt = None,
-    method: Annotated[str | None, typer.Option(help="Quantization method: rtn or gptq.")] = None,
+    method: Annotated[str | None, flag("quant.method")] = None,
     bits: BitsOpt = None,
     group_size: GroupSizeOpt = None,
     sym: SymOpt = None,
-    include: Annotated[list[str] | None, typer.Option(help="Regex of layers to quantize (repeatable).")] = None,
-    exclude: Annotated[list[str] | None, typer.Option(help="Regex of layers to keep in fp (repeatable).")] = None,
+    include: Annotated[list[str] | None, flag("quant.include")] = None,
+    exclude: Annotated[list[str] | None, flag("quant.exclude")] = None,
     output: OutputOpt = None,
-    calib_data: Annotated[str | None, typer.Option(help="GPTQ calibration data (same forms as --eval-data).")] = None,
-    nsamples: Annotated[int | None, typer.Option(help="GPTQ calibration windows (default 128).")] = None,
-    seqlen: Annotated[int | None, typer.Option(help="Tokens per calibration and evaluation window (512).")] = None,
-    damp: Annotated[float | None, typer.Option(help="GPTQ dampening, fraction of mean diag(H) (0.01).")] = None,
-    block_size: Annotated[int | None, typer.Option(help="GPTQ lazy-update block in columns (128).")] = None,
-    act_order: Annotated[bool | None, typer.Option("--act-order/--no-act-order", help="GPTQ desc_act.")] = None,
-    static_groups: Annotated[
-        bool | None, typer.Option("--static-groups/--no-static-groups", help="GPTQ groups from the original W.")
-    ] = None,
+    calib_data: CalibDataOpt = None,
+    nsamples: NsamplesOpt = None,
+    seqlen: Annotated[int | None, flag("calib.seqlen", "--seqlen", "--calib-seqlen")] = None,
+    damp: Annotated[float | None, flag("gptq.damp")] = None,
+    block_size: Annotated[int | None, flag("gptq.block_size")] = None,
+    act_order: Annotated[bool | None, flag("gptq.act_order", "--act-order/--no-act-order")] = None,
+    static_groups: Annotated[bool | None, flag("gptq.static_groups", "--static-groups/--no-static-groups")] = None,
     true_sequential: Annotated[
-        bool | None, typer.Option("--true-sequential/--no-true-sequential", help="GPTQ layer order in a block.")
+        bool | None, flag("gptq.true_sequential", "--true-sequential/--no-true-sequential")
     ] = None,
-    eval_data: Annotated[str | None, typer.Option(help="Also measure perplexity on this data.")] = None,
+    eval_data: EvalDataOpt = None,
+    eval_seqlen: EvalSeqlenOpt = None,
     max_windows: MaxWindowsOpt = None,
+    set_: SetOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
     force: ForceOpt = False,
@@ -69,33 +162,7 @@ def ptq(
     """Post-training quantization (RTN or GPTQ) into a qatcli checkpoint directory."""
     from qatcli.commands.ptq import run_ptq
 
-    cfg = load_recipe(
-        recipe,
-        {
-            "model": model,
-            "output": output,
-            "device": device,
-            "seed": seed,
-            "quant.method": method,
-            "quant.bits": bits,
-            "quant.group_size": group_size,
-            "quant.sym": sym,
-            "quant.include": include or None,
-            "quant.exclude": exclude or None,
-            "calib.data": calib_data,
-            "calib.nsamples": nsamples,
-            "calib.seqlen": seqlen,
-            "gptq.damp": damp,
-            "gptq.block_size": block_size,
-            "gptq.act_order": act_order,
-            "gptq.static_groups": static_groups,
-            "gptq.true_sequential": true_sequential,
-            "eval.data": eval_data,
-            "eval.seqlen": seqlen,
-            "eval.max_windows": max_windows,
-        },
-    )
-    run_ptq(cfg, force)
+    run_ptq(_load("ptq", recipe, locals(), set_), force)
 
 
 @app.command()
@@ -105,28 +172,28 @@ def qat(
     bits: BitsOpt = None,
     group_size: GroupSizeOpt = None,
     sym: SymOpt = None,
-    estimator: Annotated[str | None, typer.Option(help="Backward of rounding: ste, fourier or jacobian.")] = None,
-    amplitude: Annotated[list[float] | None, typer.Option(help="fourier amplitude A_k (repeatable; 0.21).")] = None,
-    init: Annotated[str | None, typer.Option(help="fp (default), rtn, gptq or a qatcli checkpoint.")] = None,
-    data: Annotated[str | None, typer.Option(help="Training data (same forms as eval data).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Optimizer steps (100).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Windows per micro-batch (4).")] = None,
-    seqlen: Annotated[int | None, typer.Option(help="Tokens per training window (256).")] = None,
-    grad_accum: Annotated[int | None, typer.Option(help="Micro-batches per step (1).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Learning rate of the latent weights (5e-5).")] = None,
-    scale_lr: Annotated[float | None, typer.Option(help="Learning rate of the scales (1e-4).")] = None,
-    loss: Annotated[str | None, typer.Option(help="kd (distill from fp, default) or ce.")] = None,
+    estimator: Annotated[str | None, flag("qat.estimator")] = None,
+    # --amplitude, the singular, reads better repeated: --amplitude 0.2 --amplitude 0.05.
+    amplitudes: Annotated[list[float] | None, flag("qat.amplitudes", "--amplitudes", "--amplitude")] = None,
+    init: Annotated[str | None, flag("qat.init")] = None,
+    data: Annotated[str | None, flag("qat.data")] = None,
+    steps: Annotated[int | None, flag("qat.steps")] = None,
+    batch_size: Annotated[int | None, flag("qat.batch_size")] = None,
+    seqlen: Annotated[int | None, flag("qat.seqlen", "--seqlen", "--train-seqlen")] = None,
+    grad_accum: Annotated[int | None, flag("qat.grad_accum")] = None,
+    lr: Annotated[float | None, flag("qat.lr")] = None,
+    scale_lr: Annotated[float | None, flag("qat.scale_lr")] = None,
+    loss: Annotated[str | None, flag("qat.loss")] = None,
     variance_reduction: Annotated[
-        bool | None, typer.Option(help="MARS-style corrected gradients inside AdamW (off).")
+        bool | None, flag("qat.variance_reduction", "--variance-reduction/--no-variance-reduction")
     ] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Any recipe value as KEY=VALUE, e.g. qat.jacobian.blend=1 (repeatable)."),
-    ] = None,
-    save_every: Annotated[int | None, typer.Option(help="Save the run's state every N steps (50).")] = None,
-    calib_data: Annotated[str | None, typer.Option(help="Calibration data for --init gptq.")] = None,
-    nsamples: Annotated[int | None, typer.Option(help="Calibration windows for --init gptq (128).")] = None,
-    eval_data: Annotated[str | None, typer.Option(help="Measure perplexity before and after on this data.")] = None,
+    save_every: Annotated[int | None, flag("qat.save_every")] = None,
+    set_: SetOpt = None,
+    calib_data: CalibDataOpt = None,
+    nsamples: NsamplesOpt = None,
+    calib_seqlen: CalibSeqlenOpt = None,
+    eval_data: EvalDataOpt = None,
+    eval_seqlen: EvalSeqlenOpt = None,
     max_windows: MaxWindowsOpt = None,
     output: OutputOpt = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the unfinished run of this output.")] = False,
@@ -138,36 +205,7 @@ def qat(
     """Quantization-aware training into a qatcli checkpoint directory."""
     from qatcli.commands.qat import run_qat
 
-    cfg = load_recipe(
-        recipe,
-        {
-            "model": model,
-            "output": output,
-            "device": device,
-            "seed": seed,
-            "quant.bits": bits,
-            "quant.group_size": group_size,
-            "quant.sym": sym,
-            "qat.estimator": estimator,
-            "qat.amplitudes": amplitude or None,
-            "qat.init": init,
-            "qat.data": data,
-            "qat.steps": steps,
-            "qat.batch_size": batch_size,
-            "qat.seqlen": seqlen,
-            "qat.grad_accum": grad_accum,
-            "qat.lr": lr,
-            "qat.scale_lr": scale_lr,
-            "qat.loss": loss,
-            "qat.variance_reduction": variance_reduction,
-            "qat.save_every": save_every,
-            "calib.data": calib_data,
-            "calib.nsamples": nsamples,
-            "eval.data": eval_data,
-            "eval.max_windows": max_windows,
-            **parse_assignments(set_ or []),
-        },
-    )
+    cfg = _load("qat", recipe, locals(), set_)
     if stop_after is not None and stop_after < 1:
         raise QatcliError(f"--stop-after must be positive, got {stop_after}")
     run_qat(cfg, force, resume, stop_after)
@@ -177,10 +215,11 @@ def qat(
 def eval_(
     models: Annotated[list[str] | None, typer.Argument(help="Models and/or qatcli checkpoints.")] = None,
     recipe: RecipeOpt = None,
-    data: DataOpt = None,
-    seqlen: SeqlenOpt = None,
+    data: Annotated[str | None, flag("eval.data", "--data", "--eval-data")] = None,
+    seqlen: Annotated[int | None, flag("eval.seqlen", "--seqlen", "--eval-seqlen")] = None,
     max_windows: MaxWindowsOpt = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON here.")] = None,
+    set_: SetOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
     force: ForceOpt = False,
@@ -188,62 +227,36 @@ def eval_(
     """Perplexity of full-precision models and checkpoints on the same windows, in one table."""
     from qatcli.commands.evaluate import run_eval
 
-    cfg = load_recipe(
-        recipe,
-        {
-            "device": device,
-            "seed": seed,
-            "eval.data": data,
-            "eval.seqlen": seqlen,
-            "eval.max_windows": max_windows,
-        },
-    )
-    run_eval(cfg, models or [], json_path, force)
+    run_eval(_load("eval", recipe, locals(), set_), models or [], json_path, force)
 
 
 @app.command()
 def export(
     checkpoint: Annotated[str | None, typer.Argument(help="qatcli checkpoint (default: the recipe's output).")] = None,
     recipe: RecipeOpt = None,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="GPTQ-format directory to write.")] = None,
-    fmt: Annotated[str | None, typer.Option("--format", help="gptq (v1) or gptq_v2 (default: by symmetry).")] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="dtype of dense tensors: float16 (default), bfloat16, float32.")
-    ] = None,
-    max_shard_size: Annotated[int | None, typer.Option(help="Largest safetensors shard in MiB (5120).")] = None,
-    v1_clamp_zeros: Annotated[
-        bool | None, typer.Option("--v1-clamp-zeros", help="Asymmetric as v1, zero points clamped to >= 1.")
-    ] = None,
+    output: Annotated[str | None, flag("export.output", "--output", "-o")] = None,
+    fmt: Annotated[str | None, flag("export.format", "--format")] = None,
+    dtype: Annotated[str | None, flag("export.dtype")] = None,
+    max_shard_mib: Annotated[int | None, flag("export.max_shard_mib")] = None,
+    v1_clamp_zeros: Annotated[bool | None, flag("export.v1_clamp_zeros", "--v1-clamp-zeros")] = None,
+    set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Write a deployable GPTQ-format model (packed int32 weights, fp16 scales) from a checkpoint."""
     from qatcli.commands.export import run_export
 
-    cfg = load_recipe(
-        recipe,
-        {
-            "export.output": output,
-            "export.format": fmt,
-            "export.dtype": dtype,
-            "export.max_shard_mib": max_shard_size,
-            "export.v1_clamp_zeros": v1_clamp_zeros,
-        },
-    )
-    run_export(cfg, checkpoint, force)
+    run_export(_load("export", recipe, locals(), set_), checkpoint, force)
 
 
 @app.command()
 def compare(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="YAML recipe with a compare section.")],
-    output: Annotated[
-        str | None, typer.Option("--output", "-o", help="Directory of the comparison (default: the recipe's output).")
-    ] = None,
+    output: OutputOpt = None,
+    eval_data: EvalDataOpt = None,
+    eval_seqlen: EvalSeqlenOpt = None,
     max_windows: MaxWindowsOpt = None,
     device: DeviceOpt = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="Any recipe value as KEY=VALUE, e.g. qat.lr=0.0001 (repeatable)."),
-    ] = None,
+    set_: SetOpt = None,
     force: Annotated[
         bool, typer.Option("--force", help="Start over: delete the earlier results in the output directory.")
     ] = False,
@@ -251,9 +264,7 @@ def compare(
     """Run a matrix of methods x bit widths on one model (finished cells are reused) into one table."""
     from qatcli.commands.compare import run_compare
 
-    overrides = {"output": output, "device": device, "eval.max_windows": max_windows}
-    cfg = load_recipe(recipe, {**overrides, **parse_assignments(set_ or [])})
-    run_compare(cfg, recipe, force)
+    run_compare(_load("compare", recipe, locals(), set_), recipe, force)
 
 
 def _quiet_libraries() -> None:

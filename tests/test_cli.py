@@ -1,17 +1,22 @@
-"""ptq and eval through the real command line on a tiny Llama, including every kind of bad input."""
+"""ptq and eval through the real command line on a tiny Llama, every kind of bad input, and what each flag sets."""
 
 from __future__ import annotations
 
 import json
+import sys
+import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+import typer
 from conftest import run_cli
 from safetensors.torch import load_file
 
 from qatcli.formats.checkpoint import load_checkpoint
 from qatcli.quant.grid import QuantSpec, fake_quantize, group_qparams
+from qatcli.recipe import Recipe, field_help, recipe_field
 
 
 def assert_one_line_error(result, fragment: str) -> None:
@@ -43,7 +48,7 @@ def quantized(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, so
             str(path),
             "--eval-data",
             str(sotu / "test.txt"),
-            "--seqlen",
+            "--eval-seqlen",
             "64",
             "--max-windows",
             "4",
@@ -149,6 +154,8 @@ def test_recipe_drives_ptq_and_flags_override(tiny_model_dir: Path, tmp_path: Pa
         (["--bits", "four"], "Invalid value for '--bits'"),
         (["--group-size", "128"], "group size 128 does not divide in_features 64 of model.layers.0"),
         (["--group-size", "0"], "quant.group_size must be -1"),
+        (["--group-size", "big"], "quant.group_size must be -1 (per row), auto or positive, got 'big'"),
+        (["--bits", "5", "--group-size", "0", "--seqlen", "0"], "recipe: 3 problems: quant.bits must be one of"),
         (["--method", "awq"], "quant.method must be one of rtn"),
         (["--bitz", "3"], "No such option: --bitz"),
         (["--eval-data", "no/such/file.txt"], "data file 'no/such/file.txt' does not exist"),
@@ -223,7 +230,7 @@ def test_failed_run_leaves_no_partial_output(tiny_model_dir: Path, tmp_path: Pat
         str(out),
         "--eval-data",
         str(short),
-        "--seqlen",
+        "--eval-seqlen",
         "64",
     )
     assert_one_line_error(result, "fewer than one window of 64")
@@ -243,7 +250,7 @@ def test_failed_run_leaves_no_partial_output(tiny_model_dir: Path, tmp_path: Pat
         str(out),
         "--eval-data",
         str(short),
-        "--seqlen",
+        "--eval-seqlen",
         "64",
         "--force",
     )
@@ -271,7 +278,7 @@ def test_gptq_through_the_cli(tiny_model_dir: Path, sotu: Path, tmp_path: Path, 
         str(sotu / "valid.txt"),
         "--nsamples",
         "16",
-        "--seqlen",
+        "--calib-seqlen" if act_order else "--seqlen",  # the same option: ptq's --seqlen is the calibration's
         "64",
         *flags,
     )
@@ -315,3 +322,94 @@ def test_ctrl_c_is_one_line_and_status_130(
     monkeypatch.setattr(evaluate_command, "run_eval", interrupted)
     assert main(["eval", str(tiny_model_dir), "--data", "generated:5"]) == 130
     assert capsys.readouterr().err.strip() == "qatcli: interrupted"
+
+
+def test_group_size_auto_by_default(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """The tiny model's widths are 64 and 128: auto resolves to 64, and the checkpoint records 64."""
+    out = tmp_path / "auto"
+    result = run_cli("ptq", str(tiny_model_dir), "--bits", "4", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "qatcli.json").read_text())["quantization"]["group_size"] == 64
+
+
+def parsed(monkeypatch: pytest.MonkeyPatch, *argv: str) -> Recipe:
+    """The recipe a command line hands to its run_* function; a stand-in module takes the place of the
+    command's, so nothing runs and nothing but the command line is tested."""
+    from qatcli.cli import main
+
+    module = {"eval": "evaluate"}.get(argv[0], argv[0])
+    name = {"eval": "run_eval"}.get(argv[0], f"run_{argv[0]}")
+    seen: list[Recipe] = []
+    stand_in = types.ModuleType(f"qatcli.commands.{module}")
+    setattr(stand_in, name, lambda recipe, *_: seen.append(recipe))
+    monkeypatch.setitem(sys.modules, stand_in.__name__, stand_in)
+    main(list(argv))
+    return seen[0]
+
+
+def test_seqlen_flags_set_one_key_each(monkeypatch: pytest.MonkeyPatch) -> None:
+    r = parsed(monkeypatch, "ptq", "m", "--seqlen", "64")
+    assert (r.calib.seqlen, r.eval.seqlen) == (64, 512)
+    r = parsed(monkeypatch, "ptq", "m", "--calib-seqlen", "32", "--eval-seqlen", "128")
+    assert (r.calib.seqlen, r.eval.seqlen) == (32, 128)
+    r = parsed(monkeypatch, "qat", "m", "--seqlen", "64", "--calib-seqlen", "32", "--eval-seqlen", "128")
+    assert (r.qat.seqlen, r.calib.seqlen, r.eval.seqlen) == (64, 32, 128)
+    assert parsed(monkeypatch, "qat", "m", "--train-seqlen", "48").qat.seqlen == 48
+    assert parsed(monkeypatch, "eval", "m", "--seqlen", "64").eval.seqlen == 64
+    assert parsed(monkeypatch, "eval", "m", "--eval-seqlen", "64", "--eval-data", "x.txt").eval.data == "x.txt"
+
+
+def test_set_and_eval_data_on_every_command_that_runs_work(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: m\n")
+    for argv in (["ptq", "m"], ["qat", "m"], ["eval", "m"], ["export"], ["compare", str(recipe)]):
+        r = parsed(monkeypatch, *argv, "--set", "qat.lr=0.001", "--set", "eval.max_windows=3")
+        assert (r.qat.lr, r.eval.max_windows) == (0.001, 3), argv
+        if argv[0] != "export":
+            r = parsed(monkeypatch, *argv, "--eval-data", "e.txt", "--eval-seqlen", "64", "--max-windows", "2")
+            assert (r.eval.data, r.eval.seqlen, r.eval.max_windows) == ("e.txt", 64, 2), argv
+    assert parsed(monkeypatch, "ptq", "m", "--group-size", "auto").quant.group_size == "auto"
+    assert parsed(monkeypatch, "qat", "m", "--group-size", "-1").quant.group_size == -1
+    assert parsed(monkeypatch, "qat", "m", "--amplitude", "0.1", "--amplitude", "0.05").qat.amplitudes == [0.1, 0.05]
+    assert parsed(monkeypatch, "export", "--max-shard-mib", "64").export.max_shard_mib == 64
+
+
+def options(command: str) -> list[Any]:
+    """The options of a subcommand as click (typer's own copy of it) declares them."""
+    from qatcli.cli import app
+
+    group: Any = typer.main.get_command(app)
+    return [p for p in group.commands[command].params if p.param_type_name == "option"]
+
+
+def test_flag_help_is_the_recipe_fields_doc() -> None:
+    from qatcli.cli import COMMAND_KEYS
+
+    not_recipe_keys = {"recipe", "force", "set_", "json_path", "resume", "stop_after"}
+    for command, keys in COMMAND_KEYS.items():
+        for option in options(command):
+            if option.name in not_recipe_keys:
+                continue
+            assert option.name in keys, f"{command} --{option.name} sets no recipe key"
+            key = keys[option.name]
+            assert option.help == field_help(key), (command, option.name)
+            assert option.help.startswith(recipe_field(key).metadata["doc"])
+
+
+def test_one_meaning_per_flag_and_flag_names_are_recipe_keys() -> None:
+    from qatcli.cli import COMMAND_KEYS
+
+    meanings: dict[str, set[str]] = {}
+    for command, keys in COMMAND_KEYS.items():
+        for option in options(command):
+            key = keys.get(str(option.name))
+            if key is None:
+                continue
+            names = [n for n in option.opts + option.secondary_opts if n.startswith("--")]
+            for name in names:
+                meanings.setdefault(name, set()).add(key)
+            leaf, dashed = key.split(".")[-1].replace("_", "-"), key.replace(".", "-").replace("_", "-")
+            assert f"--{leaf}" in names or f"--{dashed}" in names, (command, names, key)
+    # the obvious one of each command: ptq's --seqlen is the calibration's, qat's the training's, and so on
+    per_command = {"--seqlen", "--data", "--output"}
+    assert {name: keys for name, keys in meanings.items() if len(keys) > 1 and name not in per_command} == {}

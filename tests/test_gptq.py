@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from qatcli.errors import QatcliError
-from qatcli.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize, inverse_cholesky
+from qatcli.quant.gptq import HessianAccumulator, gptq_quantize, inverse_cholesky
 from qatcli.quant.gptq_model import sequential_groups
 from qatcli.quant.grid import QuantSpec, default_g_idx, dequantize, fake_quantize, group_qparams, quantize
+from qatcli.recipe import GPTQOptions
 
 OUT, IN, TOKENS = 64, 256, 2048
 
@@ -41,7 +42,7 @@ def test_gptq_reconstructs_the_output_better_than_rtn(layer, bits, group_size, a
     spec = QuantSpec(bits, group_size, sym=True)
     scales, zeros = group_qparams(W, spec)
     rtn = fake_quantize(W, scales, zeros, default_g_idx(IN, group_size), spec.maxq)
-    result = gptq_quantize(W, H, spec, GPTQConfig(act_order=act_order, static_groups=static_groups))
+    result = gptq_quantize(W, H, spec, GPTQOptions(act_order=act_order, static_groups=static_groups))
     rtn_error = ((W - rtn) @ X.T).norm()
     gptq_error = ((W - result.weight) @ X.T).norm()
     assert gptq_error < 0.9 * rtn_error, (float(gptq_error), float(rtn_error))
@@ -53,7 +54,7 @@ def test_gptq_reconstructs_the_output_better_than_rtn(layer, bits, group_size, a
 def test_weights_are_grid_points_of_the_recorded_grid(layer, act_order, group_size, sym) -> None:
     W, _, H = layer
     spec = QuantSpec(3, group_size, sym)
-    result = gptq_quantize(W, H, spec, GPTQConfig(act_order=act_order, block_size=48))
+    result = gptq_quantize(W, H, spec, GPTQOptions(act_order=act_order, block_size=48))
     groups = spec.num_groups(IN)
     assert result.scales.shape == result.zeros.shape == (OUT, groups)
     assert sorted(torch.bincount(result.g_idx.long()).tolist()) == [spec.effective_group_size(IN)] * groups
@@ -65,7 +66,7 @@ def test_weights_are_grid_points_of_the_recorded_grid(layer, act_order, group_si
 
 def test_act_order_without_groups_changes_the_order_only(layer) -> None:
     W, _, H = layer
-    result = gptq_quantize(W, H, QuantSpec(4, 32), GPTQConfig(act_order=True))
+    result = gptq_quantize(W, H, QuantSpec(4, 32), GPTQOptions(act_order=True))
     assert not torch.equal(result.g_idx, default_g_idx(IN, 32))  # groups follow the processing order
 
 
@@ -94,3 +95,14 @@ def test_true_sequential_groups_follow_the_data() -> None:
     groups = sequential_groups(names, true_sequential=True)
     assert [len(g) for g in groups] == [3, 1, 2, 1]
     assert sequential_groups(names, true_sequential=False) == [names]
+
+
+def test_options_are_recorded_under_gptqmodel_names() -> None:
+    fields = GPTQOptions(damp=0.05, act_order=True).quantization_fields()
+    assert fields == {
+        "damp_percent": 0.05,
+        "desc_act": True,
+        "static_groups": False,
+        "true_sequential": True,
+        "block_size": 128,
+    }

@@ -75,7 +75,7 @@ def test_eval_of_an_export_samples_its_recorded_base_model(tiny_model_dir: Path,
     qcfg = json.loads((export / "config.json").read_text())["quantization_config"]
     assert qcfg["meta"]["qatcli_base_model"] == str(tiny_model_dir)
     json_path = tmp_path / "rows.json"
-    args = ["eval", str(ckpt), str(export), "--data", "generated:4:64", "--json", str(json_path)]
+    args = ["eval", str(ckpt), str(export), "--data", "generated:5:64", "--json", str(json_path)]
     result = run_cli(*args, "--seqlen", "32", cache=tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     rows = json.loads(json_path.read_text())

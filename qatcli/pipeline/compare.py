@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.data.perplexity import evaluate_on_data
@@ -41,7 +42,7 @@ from qatcli.pipeline.ptq import make_ptq_checkpoint
 from qatcli.pipeline.qat import can_resume, check_init, train_qat
 from qatcli.qat.estimators import check_estimator
 from qatcli.quant.grid import QuantSpec
-from qatcli.quant.targets import check_group_size, find_targets
+from qatcli.quant.targets import check_group_size, find_targets, resolve_group_size
 from qatcli.recipe import Recipe
 from qatcli.report.figure import plot_compare
 from qatcli.report.progress import overall_progress, stderr_console
@@ -124,6 +125,16 @@ def _prepare_output(output: Path, force: bool) -> None:
         raise QatcliError(f"output '{output}' holds something other than a qatcli compare run; choose another -o")
     if force and ours:
         shutil.rmtree(output)
+
+
+def _auto_group_size(recipe: Recipe, ref: ModelRef) -> int:
+    """What group size ``auto`` means for the model, from its layer shapes alone (built on the meta device)."""
+    config = AutoConfig.from_pretrained(ref.location)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    group = resolve_group_size("auto", find_targets(model, recipe.quant.include, recipe.quant.exclude))
+    stderr_console.print(f"group size auto -> {group}")
+    return group
 
 
 def _fp_row(ctx: Context, cells: list[Cell]) -> dict[str, Any]:
@@ -295,6 +306,8 @@ def compare_matrix(recipe: Recipe, recipe_path: Path, force: bool) -> Comparison
     _prepare_output(output, force)
     device = resolve_device(recipe.device)
     ref = resolve_model(str(recipe.model))
+    if any(c.group_size == "auto" for c in cells):
+        cells = expand(recipe, _auto_group_size(recipe, ref))
     ctx = Context(recipe, output, ref, device)
     write_json_atomic(output / MARKER, {"recipe": str(recipe_path), **recipe.to_dict()})
 

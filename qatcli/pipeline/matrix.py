@@ -23,7 +23,7 @@ PTQ_CELL_METHODS = ("rtn", "gptq")
 class Cell:
     method: str  # rtn | gptq | qat
     bits: int
-    group_size: int
+    group_size: int | str  # an int once auto is resolved
     estimator: str | None = None  # qat only, passed to the qat recipe as it is
     init: str | None = None  # qat only
     steps: int | None = None  # qat only
@@ -50,8 +50,11 @@ class Cell:
         return f"qat {self.estimator} ({self.init_name} init, {self.steps} steps)"
 
 
-def expand(recipe: Recipe) -> list[Cell]:
-    """Every cell of the compare section, in recipe order; two cells with one name are refused."""
+def expand(recipe: Recipe, auto_group_size: int | None = None) -> list[Cell]:
+    """Every cell of the compare section, in recipe order; two cells with one name are refused.
+
+    Group size ``auto`` becomes ``auto_group_size`` where the caller has resolved it for the model.
+    """
     c = recipe.compare
     cells: list[Cell] = []
     for m in c.methods:
@@ -67,7 +70,8 @@ def expand(recipe: Recipe) -> list[Cell]:
         for estimator, init, steps in variants:
             for g in groups:
                 for b in bits:
-                    cells.append(Cell(m.method, b, g, estimator, init, steps))
+                    group = auto_group_size if g == "auto" and auto_group_size is not None else g
+                    cells.append(Cell(m.method, b, group, estimator, init, steps))
     names = [cell.name for cell in cells]
     for name in names:
         if names.count(name) > 1:

@@ -18,13 +18,13 @@ from qatcli.data.tokens import TokenSource
 from qatcli.formats.checkpoint import provenance, save_checkpoint
 from qatcli.outputs import atomic_dir
 from qatcli.pipeline.inputs import Problems
-from qatcli.quant.gptq import GPTQConfig
 from qatcli.quant.gptq_model import GPTQStats, quantize_gptq
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, fake_quantized, quantized_bytes
 from qatcli.quant.rtn import quantize_rtn
-from qatcli.quant.targets import check_group_size, find_targets
+from qatcli.quant.targets import check_group_size, find_targets, resolve_group_size
 from qatcli.recipe import Recipe
+from qatcli.report.progress import stderr_console
 from qatcli.runtime import resolve_device, seed_everything
 
 
@@ -61,8 +61,10 @@ def load_base(recipe: Recipe, ref: ModelRef, device: torch.device) -> Base:
     model = load_model(ref, device)
     tokenizer = load_tokenizer(ref)
     targets = find_targets(model, q.include, q.exclude)
-    spec = QuantSpec(q.bits, q.group_size, q.sym)
+    spec = QuantSpec(q.bits, resolve_group_size(q.group_size, targets), q.sym)
     check_group_size(targets, spec)
+    if q.group_size == "auto":
+        stderr_console.print(f"group size auto -> {spec.group_size}")
     return Base(ref, model, tokenizer, targets, spec)
 
 
@@ -70,11 +72,10 @@ def gptq_layers(
     recipe: Recipe, base: Base, source: TokenSource, device: torch.device
 ) -> tuple[dict[str, LayerQuant], GPTQStats]:
     """GPTQ with the recipe's calibration windows and options."""
-    c, o = recipe.calib, recipe.gptq
+    c = recipe.calib
     assert c.data is not None
     windows = calibration_windows(source.tokens(c.data, "calib"), c.nsamples, c.seqlen, recipe.seed)
-    cfg = GPTQConfig(damp=o.damp, block_size=o.block_size, act_order=o.act_order, static_groups=o.static_groups)
-    return quantize_gptq(base.model, base.targets, base.spec, cfg, windows, device, o.true_sequential, o.batch_size)
+    return quantize_gptq(base.model, base.targets, base.spec, recipe.gptq, windows, device)
 
 
 def check_ptq(recipe: Recipe, force: bool) -> ModelRef:
@@ -121,19 +122,13 @@ def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
     load_seconds = time.perf_counter() - t0
 
     q = recipe.quant
-    quantization: dict[str, Any] = {"bits": q.bits, "group_size": q.group_size, "sym": q.sym}
+    quantization: dict[str, Any] = {"bits": q.bits, "group_size": base.spec.group_size, "sym": q.sym}
     extra: dict[str, Any] = {}
     t0 = time.perf_counter()
     if q.method == "gptq":
-        c, o = recipe.calib, recipe.gptq
+        c = recipe.calib
         layers, stats = gptq_layers(recipe, base, source, device)
-        quantization.update(
-            damp_percent=o.damp,
-            desc_act=o.act_order,
-            static_groups=o.static_groups,
-            true_sequential=o.true_sequential,
-            block_size=o.block_size,
-        )
+        quantization.update(recipe.gptq.quantization_fields())
         extra = {
             "calibration": {"data": c.data, "nsamples": c.nsamples, "seqlen": c.seqlen},
             "gptq_loss": sum(stats.loss.values()),

@@ -99,8 +99,8 @@ def _initial_model(recipe: Recipe, device: torch.device) -> tuple[Base, dict, To
     q, init = recipe.quant, recipe.qat.init
     if init not in INITS:
         model, tokenizer, meta, layers = load_checkpoint(Path(init), device, fake_quant=False)
-        spec = QuantSpec(q.bits, q.group_size, q.sym)
         got = next(iter(layers.values())).spec
+        spec = QuantSpec(q.bits, got.group_size if q.group_size == "auto" else int(q.group_size), q.sym)
         if got != spec:
             raise QatcliError(f"init checkpoint '{init}' has {got}, the recipe asks for {spec}")
         ref = resolve_model(meta["base_model"]["spec"])

@@ -13,21 +13,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from qatcli.errors import QatcliError
 from qatcli.quant.grid import QuantSpec, default_g_idx, fake_quantize_dense, group_qparams, row_qparams
 
+if TYPE_CHECKING:
+    # The options are declared once, with their defaults and docs, in the recipe schema; the algorithm
+    # only reads them, so it does not import the recipe module at run time.
+    from qatcli.recipe import GPTQOptions
+
 MAX_DAMP = 10.0
 
 
-@dataclass(frozen=True)
-class GPTQConfig:
-    damp: float = 0.01
-    block_size: int = 128
-    act_order: bool = False
-    static_groups: bool = False
+def __getattr__(name: str) -> Any:
+    # Transitional: callers written before the options moved to qatcli.recipe.GPTQOptions still import GPTQConfig.
+    if name == "GPTQConfig":
+        from qatcli.recipe import GPTQOptions
+
+        return GPTQOptions
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class HessianAccumulator:
@@ -72,7 +79,8 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]
 
 
 @torch.no_grad()
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, cfg: GPTQConfig) -> GPTQResult:
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, options: GPTQOptions) -> GPTQResult:
+    """GPTQ of one layer's weights ``W`` ([out, in]) given its input Hessian ``H`` ([in, in])."""
     W = W.detach().clone().float()
     H = H.clone()
     columns = W.shape[1]
@@ -83,20 +91,20 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, cfg: GPTQCo
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    static = group_qparams(W, spec) if cfg.static_groups and spec.group_size != -1 else None
+    static = group_qparams(W, spec) if options.static_groups and spec.group_size != -1 else None
     perm = None
-    if cfg.act_order:
+    if options.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
 
-    U, damp = inverse_cholesky(H, cfg.damp)
+    U, damp = inverse_cholesky(H, options.damp)
     del H
     Q = torch.zeros_like(W)
     scales, zeros = [], []
     loss = 0.0
     s = z = None
-    for i1 in range(0, columns, cfg.block_size):
-        i2 = min(i1 + cfg.block_size, columns)
+    for i1 in range(0, columns, options.block_size):
+        i2 = min(i1 + options.block_size, columns)
         count = i2 - i1
         W1 = W[:, i1:i2].clone()
         Q1 = torch.zeros_like(W1)

@@ -15,16 +15,19 @@ import contextlib
 import re
 import resource
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from qatcli.quant.gptq import GPTQConfig, HessianAccumulator, gptq_quantize
+from qatcli.quant.gptq import HessianAccumulator, gptq_quantize
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, make_layer_quant
 from qatcli.quant.targets import decoder_blocks
 from qatcli.report.progress import progress_bar, stderr_console
+
+if TYPE_CHECKING:
+    from qatcli.recipe import GPTQOptions
 
 # The order in which a Llama-style block feeds its Linear layers; layers matching none come last.
 SEQUENTIAL_GROUPS = (r"\.(q|k|v)_proj$", r"\.o_proj$", r"\.(gate|up)_proj$", r"\.down_proj$")
@@ -140,19 +143,21 @@ def quantize_gptq(
     model: nn.Module,
     targets: dict[str, nn.Linear],
     spec: QuantSpec,
-    cfg: GPTQConfig,
+    options: GPTQOptions,
     windows: torch.Tensor,
     device: torch.device,
-    true_sequential: bool = True,
-    batch_size: int = 8,
 ) -> tuple[dict[str, LayerQuant], GPTQStats]:
-    """Quantize ``targets`` in place (their weights become the dequantized GPTQ weights)."""
+    """Quantize ``targets`` in place (their weights become the dequantized GPTQ weights).
+
+    ``windows`` are the calibration token windows, [n, seqlen]; ``options.batch_size`` of them go through a
+    block at a time.
+    """
     prefix, blocks = decoder_blocks(model)
     model.to("cpu")
     _move_outside_blocks(model, blocks, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    inputs = _block_inputs(model, blocks[0], windows, batch_size, device)
+    inputs = _block_inputs(model, blocks[0], windows, options.batch_size, device)
     modules = dict(model.named_modules())
     layers: dict[str, LayerQuant] = {}
     stats = GPTQStats()
@@ -164,20 +169,20 @@ def quantize_gptq(
             block.to(device)
             names = [n for n in targets if n.startswith(f"{prefix}.{index}.")]
             progress.reset(layer_task, total=len(names), description=f"  block {index} layers")
-            for group in sequential_groups(names, true_sequential):
+            for group in sequential_groups(names, options.true_sequential):
                 hessians = _collect_hessians(block, group, modules, inputs, device)
                 for name in group:
                     layer = modules[name]
-                    result = gptq_quantize(layer.weight, hessians[name].H, spec, cfg)
-                    if result.damp != cfg.damp:
+                    result = gptq_quantize(layer.weight, hessians[name].H, spec, options)
+                    if result.damp != options.damp:
                         stats.damp_raised[name] = result.damp
                         stderr_console.print(
                             f"[yellow]{name}: Hessian not positive definite with damp "
-                            f"{cfg.damp}; used damp {result.damp}"
+                            f"{options.damp}; used damp {result.damp}"
                         )
                     stats.loss[name] = result.loss
                     layer.weight.copy_(result.weight.to(layer.weight.dtype))
-                    layers[name] = make_layer_quant(spec, result.scales, result.zeros, result.g_idx, cfg.act_order)
+                    layers[name] = make_layer_quant(spec, result.scales, result.zeros, result.g_idx, options.act_order)
                     progress.advance(layer_task)
                 del hessians
             inputs = [(_run_block(block, hidden, kwargs), kwargs) for hidden, kwargs in inputs]

@@ -6,6 +6,7 @@ Embeddings and lm_head sit outside the blocks and stay in full precision.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -13,6 +14,8 @@ from qatcli.errors import QatcliError
 from qatcli.quant.grid import QuantSpec
 
 _COMMON_GROUP_SIZES = (32, 64, 128, 256)
+# What group size auto tries, largest first: the sizes GPU kernels (Marlin, ExLlamaV2, vLLM) are built for.
+AUTO_GROUP_SIZES = (128, 64, 32)
 
 
 def decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -49,13 +52,23 @@ def find_targets(model: nn.Module, include: list[str], exclude: list[str]) -> di
     return targets
 
 
-def check_group_size(targets: dict[str, nn.Linear], spec: QuantSpec) -> None:
+def resolve_group_size(group_size: int | str, targets: Mapping[str, nn.Linear]) -> int:
+    """The group size to quantize ``targets`` with: ``auto`` becomes the largest of 128, 64 and 32 that
+    divides every layer's in_features, or -1 (one group per row) when none does; an integer stays as it is.
+    """
+    if group_size != "auto":
+        return int(group_size)
+    widths = {layer.in_features for layer in targets.values()}
+    return next((g for g in AUTO_GROUP_SIZES if all(w % g == 0 for w in widths)), -1)
+
+
+def check_group_size(targets: Mapping[str, nn.Linear], spec: QuantSpec) -> None:
     """Refuse a group size that does not divide a layer's in_features, naming the sizes that would work."""
     for name, layer in targets.items():
         if not spec.fits(layer.in_features):
             widths = {m.in_features for m in targets.values()}
             fitting = [g for g in _COMMON_GROUP_SIZES if all(w % g == 0 for w in widths)]
-            options = ", ".join(str(g) for g in [-1, *fitting])
+            options = ", ".join(str(g) for g in ["auto", -1, *fitting])
             raise QatcliError(
                 f"group size {spec.group_size} does not divide in_features {layer.in_features} of {name}; "
                 f"group sizes that fit every quantized layer: {options}"
