@@ -71,8 +71,12 @@ def unpack_layer(layer: PackedLayer, bits: int, fmt: str) -> tuple[torch.Tensor,
 
 
 def quantization_config(spec: QuantSpec, fmt: str, extra: dict[str, Any]) -> dict[str, Any]:
-    """quantization_config for config.json, also written as quantize_config.json."""
-    return {
+    """quantization_config for config.json, also written as quantize_config.json.
+
+    GPTQ's own options (static_groups, true_sequential, damp_percent) are written where the checkpoint has
+    them, i.e. for GPTQ checkpoints; loaders take their defaults otherwise.
+    """
+    config = {
         "quant_method": "gptq",
         "method": "gptq",
         "checkpoint_format": fmt,
@@ -81,10 +85,9 @@ def quantization_config(spec: QuantSpec, fmt: str, extra: dict[str, Any]) -> dic
         "group_size": spec.group_size,
         "sym": spec.sym,
         "desc_act": bool(extra.get("desc_act", False)),
-        "static_groups": bool(extra.get("static_groups", False)),
-        "true_sequential": bool(extra.get("true_sequential", True)),
-        "damp_percent": float(extra.get("damp_percent", 0.01)),
         "lm_head": False,
         "pack_dtype": "int32",
         "meta": {"quantizer": [f"qatcli:{__version__}"]},
     }
+    config.update({k: extra[k] for k in ("static_groups", "true_sequential", "damp_percent") if k in extra})
+    return config
