@@ -56,6 +56,7 @@ BitsOpt = Annotated[int | None, flag("quant.bits")]
 # Any: typer refuses a union such as int | str; the parser gives an int or the text (auto).
 GroupSizeOpt = Annotated[Any, flag("quant.group_size", parser=_group_size, metavar="auto|-1|N")]
 SymOpt = Annotated[bool | None, flag("quant.sym", "--sym/--asym")]
+ClipOpt = Annotated[str | None, flag("quant.clip")]
 CalibDataOpt = Annotated[str | None, flag("calib.data")]
 NsamplesOpt = Annotated[int | None, flag("calib.nsamples")]
 CalibSeqlenOpt = Annotated[int | None, flag("calib.seqlen", "--calib-seqlen")]
@@ -67,7 +68,7 @@ MaxWindowsOpt = Annotated[int | None, flag("eval.max_windows")]
 # an option name means the same key in every command, except --seqlen, --data and --output, which name
 # the obvious one of each command (ptq: calibration, qat: training, eval: evaluation).
 SHARED_KEYS = {"device": "device", "seed": "seed"}
-QUANT_KEYS = {"bits": "quant.bits", "group_size": "quant.group_size", "sym": "quant.sym"}
+QUANT_KEYS = {"bits": "quant.bits", "group_size": "quant.group_size", "sym": "quant.sym", "clip": "quant.clip"}
 EVAL_KEYS = {"eval_data": "eval.data", "eval_seqlen": "eval.seqlen", "max_windows": "eval.max_windows"}
 COMMAND_KEYS: dict[str, dict[str, str]] = {
     "ptq": {
@@ -138,6 +139,7 @@ def ptq(
     bits: BitsOpt = None,
     group_size: GroupSizeOpt = None,
     sym: SymOpt = None,
+    clip: ClipOpt = None,
     include: Annotated[list[str] | None, flag("quant.include")] = None,
     exclude: Annotated[list[str] | None, flag("quant.exclude")] = None,
     output: OutputOpt = None,
@@ -172,6 +174,7 @@ def qat(
     bits: BitsOpt = None,
     group_size: GroupSizeOpt = None,
     sym: SymOpt = None,
+    clip: ClipOpt = None,
     estimator: Annotated[str | None, flag("qat.estimator")] = None,
     # --amplitude, the singular, reads better repeated: --amplitude 0.2 --amplitude 0.05.
     amplitudes: Annotated[list[float] | None, flag("qat.amplitudes", "--amplitudes", "--amplitude")] = None,

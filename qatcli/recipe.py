@@ -18,7 +18,7 @@ import yaml
 
 from qatcli.errors import QatcliError
 from qatcli.formats.gptq_format import DENSE_DTYPES, FORMATS
-from qatcli.quant.grid import SUPPORTED_BITS
+from qatcli.quant.grid import CLIP_METHODS, SUPPORTED_BITS
 
 PTQ_METHODS = ("rtn", "gptq")
 EXPORT_FORMATS = FORMATS
@@ -52,6 +52,13 @@ class QuantConfig:
     )
     sym: bool = field(
         default=True, metadata=doc("Symmetric grid (the GPTQ convention, zero point 2^(b-1)); false: asymmetric")
+    )
+    clip: str = field(
+        default="minmax",
+        metadata=doc(
+            "How each group's range is chosen (RTN, GPTQ and QAT's starting grid): minmax, or mse (the shrink of "
+            "the min/max range that minimises the group's rounding error)"
+        ),
     )
     include: list[str] = field(
         default_factory=list,
@@ -385,6 +392,7 @@ def _value_problems(recipe: Recipe) -> list[str]:
     problems: list[str] = []
     q = recipe.quant
     _one_of(problems, "quant.method", q.method, PTQ_METHODS)
+    _one_of(problems, "quant.clip", q.clip, CLIP_METHODS)
     _one_of(problems, "quant.bits", q.bits, SUPPORTED_BITS)
     if not valid_group_size(q.group_size):
         problems.append(f"recipe: quant.group_size must be -1 (per row), auto or positive, got {q.group_size!r}")

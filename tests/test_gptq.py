@@ -42,7 +42,7 @@ def test_gptq_reconstructs_the_output_better_than_rtn(layer, bits, group_size, a
     spec = QuantSpec(bits, group_size, sym=True)
     scales, zeros = group_qparams(W, spec)
     rtn = fake_quantize(W, scales, zeros, default_g_idx(IN, group_size), spec.maxq)
-    result = gptq_quantize(W, H, spec, GPTQOptions(act_order=act_order, static_groups=static_groups))
+    result = gptq_quantize(W, H, spec, GPTQOptions(act_order=act_order, static_groups=static_groups), "minmax")
     rtn_error = ((W - rtn) @ X.T).norm()
     gptq_error = ((W - result.weight) @ X.T).norm()
     assert gptq_error < 0.9 * rtn_error, (float(gptq_error), float(rtn_error))
@@ -54,7 +54,7 @@ def test_gptq_reconstructs_the_output_better_than_rtn(layer, bits, group_size, a
 def test_weights_are_grid_points_of_the_recorded_grid(layer, act_order, group_size, sym) -> None:
     W, _, H = layer
     spec = QuantSpec(3, group_size, sym)
-    result = gptq_quantize(W, H, spec, GPTQOptions(act_order=act_order, block_size=48))
+    result = gptq_quantize(W, H, spec, GPTQOptions(act_order=act_order, block_size=48), "minmax")
     groups = spec.num_groups(IN)
     assert result.scales.shape == result.zeros.shape == (OUT, groups)
     assert sorted(torch.bincount(result.g_idx.long()).tolist()) == [spec.effective_group_size(IN)] * groups
@@ -66,7 +66,7 @@ def test_weights_are_grid_points_of_the_recorded_grid(layer, act_order, group_si
 
 def test_act_order_without_groups_changes_the_order_only(layer) -> None:
     W, _, H = layer
-    result = gptq_quantize(W, H, QuantSpec(4, 32), GPTQOptions(act_order=True))
+    result = gptq_quantize(W, H, QuantSpec(4, 32), GPTQOptions(act_order=True), "minmax")
     assert not torch.equal(result.g_idx, default_g_idx(IN, 32))  # groups follow the processing order
 
 

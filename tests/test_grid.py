@@ -7,6 +7,7 @@ import torch
 
 from qatcli.quant.grid import (
     QuantSpec,
+    clip_error,
     default_g_idx,
     dequantize,
     fake_quantize,
@@ -14,6 +15,7 @@ from qatcli.quant.grid import (
     packed_bytes,
     quantize,
     row_qparams,
+    to_fp16_grid,
 )
 
 BITS = (2, 3, 4, 8)
@@ -130,3 +132,26 @@ def test_unsupported_bits_refused(bad: int) -> None:
 def test_packed_bytes_counts_gptq_tensors() -> None:
     # 4-bit, 64 x 128 layer, g32: qweight 4096 B, qzeros 4*64/2 = 128 B, scales 4*64*2 = 512 B, g_idx 512 B
     assert packed_bytes(64, 128, QuantSpec(4, 32)) == 4096 + 128 + 512 + 512
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("sym", [True, False])
+def test_mse_clipping_is_never_worse_than_minmax_on_its_objective(bits: int, sym: bool) -> None:
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(48, 64, generator=gen) * torch.rand(48, 1, generator=gen)
+    w[0, 3] = 9.0  # an outlier the search should clip
+    spec = QuantSpec(bits, 32, sym)
+    rows = w.reshape(-1, 32)
+    base = clip_error(rows, *row_qparams(rows, spec), spec)
+    searched = clip_error(rows, *row_qparams(rows, spec, "mse"), spec)
+    assert bool((searched <= base).all())
+    if bits < 8:  # at 8 bits the min/max grid can already be the best one
+        assert float(searched.sum()) < float(base.sum())
+    scales, zeros = group_qparams(w, spec, "mse")
+    codes = quantize(w, scales, zeros, default_g_idx(64, 32), spec.maxq)
+    assert int(codes.max()) <= spec.maxq and torch.equal(scales, to_fp16_grid(scales))
+
+
+def test_unknown_clip_method_is_refused() -> None:
+    with pytest.raises(ValueError, match="clip must be one of"):
+        row_qparams(torch.ones(2, 4), QuantSpec(4, 4), "percentile")

@@ -75,7 +75,7 @@ def gptq_layers(
     c = recipe.calib
     assert c.data is not None
     windows = calibration_windows(source.tokens(c.data, "calib"), c.nsamples, c.seqlen, recipe.seed)
-    return quantize_gptq(base.model, base.targets, base.spec, recipe.gptq, windows, device)
+    return quantize_gptq(base.model, base.targets, base.spec, recipe.gptq, recipe.quant.clip, windows, device)
 
 
 def check_ptq(recipe: Recipe, force: bool) -> ModelRef:
@@ -122,7 +122,7 @@ def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
     load_seconds = time.perf_counter() - t0
 
     q = recipe.quant
-    quantization: dict[str, Any] = {"bits": q.bits, "group_size": base.spec.group_size, "sym": q.sym}
+    quantization: dict[str, Any] = {"bits": q.bits, "group_size": base.spec.group_size, "sym": q.sym, "clip": q.clip}
     extra: dict[str, Any] = {}
     t0 = time.perf_counter()
     if q.method == "gptq":
@@ -137,7 +137,7 @@ def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
             "peak_cuda_mib": None if stats.peak_cuda_mib is None else round(stats.peak_cuda_mib, 1),
         }
     else:
-        layers = quantize_rtn(base.targets, base.spec)
+        layers = quantize_rtn(base.targets, base.spec, q.clip)
     metrics: dict[str, Any] = {
         "load_seconds": round(load_seconds, 3),
         "quantize_seconds": round(time.perf_counter() - t0, 3),

@@ -112,7 +112,7 @@ def _initial_model(recipe: Recipe, device: torch.device) -> tuple[Base, dict, To
     if init == "gptq":
         layers, _ = gptq_layers(recipe, base, source, device)
     else:
-        layers = quantize_rtn(base.targets, base.spec)
+        layers = quantize_rtn(base.targets, base.spec, q.clip)
         if init == "rtn":
             apply_fake_quant(base.model, layers)  # latent weights start on their grid points
     return base, layers, source

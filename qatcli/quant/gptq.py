@@ -79,7 +79,7 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]
 
 
 @torch.no_grad()
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, options: GPTQOptions) -> GPTQResult:
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, options: GPTQOptions, clip: str) -> GPTQResult:
     """GPTQ of one layer's weights ``W`` ([out, in]) given its input Hessian ``H`` ([in, in])."""
     W = W.detach().clone().float()
     H = H.clone()
@@ -91,7 +91,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, options: GP
     H[dead, dead] = 1
     W[:, dead] = 0
 
-    static = group_qparams(W, spec) if options.static_groups and spec.group_size != -1 else None
+    static = group_qparams(W, spec, clip) if options.static_groups and spec.group_size != -1 else None
     perm = None
     if options.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
@@ -121,7 +121,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, options: GP
                     end = min(col + g, columns)
                     tail = W[:, i2:end] - Err1[:, :i] @ U[i1 : i1 + i, i2:end]
                     current = torch.cat([W1[:, i:], tail], dim=1)
-                s, z = row_qparams(current, spec)
+                s, z = row_qparams(current, spec, clip)
                 scales.append(s)
                 zeros.append(z)
             w = W1[:, i]

@@ -144,6 +144,7 @@ def quantize_gptq(
     targets: dict[str, nn.Linear],
     spec: QuantSpec,
     options: GPTQOptions,
+    clip: str,
     windows: torch.Tensor,
     device: torch.device,
 ) -> tuple[dict[str, LayerQuant], GPTQStats]:
@@ -173,7 +174,7 @@ def quantize_gptq(
                 hessians = _collect_hessians(block, group, modules, inputs, device)
                 for name in group:
                     layer = modules[name]
-                    result = gptq_quantize(layer.weight, hessians[name].H, spec, options)
+                    result = gptq_quantize(layer.weight, hessians[name].H, spec, options, clip)
                     if result.damp != options.damp:
                         stats.damp_raised[name] = result.damp
                         stderr_console.print(

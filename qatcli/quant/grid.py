@@ -56,15 +56,48 @@ def to_fp16_grid(scales: torch.Tensor) -> torch.Tensor:
     return scales.to(torch.float16).float().clamp_min(_MIN_SCALE)
 
 
-def row_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+CLIP_METHODS = ("minmax", "mse")
+# The MSE search shrinks the range by factors 1, 1 - 1/CLIP_GRID, ... down to 1 - CLIP_MAX_SHRINK and keeps,
+# per row, the one with the smallest sum |w - w_q|^CLIP_NORM (the GPTQ reference's `mse` option uses the same
+# grid and norm).
+CLIP_GRID = 100
+CLIP_MAX_SHRINK = 0.8
+CLIP_NORM = 2.4
+
+
+def row_qparams(w: torch.Tensor, spec: QuantSpec, clip: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and zero point of each row of ``w`` ([rows, n]) taken as one group; both [rows, 1].
 
     As in the GPTQ reference, the asymmetric range always contains 0, so the zero point is a
-    representable code and an all-zero group quantizes to exact zeros.
+    representable code and an all-zero group quantizes to exact zeros. ``clip="mse"`` then shrinks each
+    row's range to the factor that minimises its rounding error (never worse than min/max on that error).
     """
     w = w.float()
     wmin = w.amin(dim=1, keepdim=True).clamp_max(0)
     wmax = w.amax(dim=1, keepdim=True).clamp_min(0)
+    scales, zeros = _range_qparams(wmin, wmax, spec)
+    if clip == "minmax":
+        return scales, zeros
+    if clip != "mse":
+        raise ValueError(f"clip must be one of {CLIP_METHODS}, got {clip!r}")
+    best = clip_error(w, scales, zeros, spec)
+    for i in range(1, int(CLIP_MAX_SHRINK * CLIP_GRID) + 1):
+        factor = 1 - i / CLIP_GRID
+        s, z = _range_qparams(wmin * factor, wmax * factor, spec)
+        err = clip_error(w, s, z, spec)
+        better = err < best
+        best = torch.where(better, err, best)
+        scales = torch.where(better, s, scales)
+        zeros = torch.where(better, z, zeros)
+    return scales, zeros
+
+
+def clip_error(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The clipping search's objective per row: sum |w - w_q|^CLIP_NORM, [rows, 1]."""
+    return (fake_quantize_dense(w, scales, zeros, spec.maxq) - w).abs_().pow_(CLIP_NORM).sum(1, keepdim=True)
+
+
+def _range_qparams(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     maxq = spec.maxq
     if spec.sym:
         absmax = torch.maximum(wmin.abs(), wmax)
@@ -86,13 +119,13 @@ def default_g_idx(in_features: int, group_size: int, device: torch.device | None
     return torch.arange(in_features, device=device, dtype=torch.int32) // g
 
 
-def group_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def group_qparams(w: torch.Tensor, spec: QuantSpec, clip: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scales and zero points of W ([out, in]) for contiguous groups; both [out, G] float32."""
     out_features, in_features = w.shape
     if not spec.fits(in_features):
         raise ValueError(f"group size {spec.group_size} does not divide in_features {in_features}")
     g = spec.effective_group_size(in_features)
-    scales, zeros = row_qparams(w.reshape(out_features * (in_features // g), g), spec)
+    scales, zeros = row_qparams(w.reshape(out_features * (in_features // g), g), spec, clip)
     return scales.reshape(out_features, -1), zeros.reshape(out_features, -1)
 
 
