@@ -15,7 +15,7 @@ import contextlib
 import re
 import resource
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -23,7 +23,7 @@ from torch import nn
 from qatcli.quant.gptq import HessianAccumulator, gptq_quantize
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, make_layer_quant
-from qatcli.quant.targets import decoder_blocks
+from qatcli.quant.walk import Activations, BlockWalk, Stop, run_block
 from qatcli.report.progress import progress_bar, stderr_console
 
 if TYPE_CHECKING:
@@ -31,10 +31,6 @@ if TYPE_CHECKING:
 
 # The order in which a Llama-style block feeds its Linear layers; layers matching none come last.
 SEQUENTIAL_GROUPS = (r"\.(q|k|v)_proj$", r"\.o_proj$", r"\.(gate|up)_proj$", r"\.down_proj$")
-
-
-class _Stop(Exception):
-    """Raised from a hook to end a forward pass once it has produced what was needed."""
 
 
 @dataclass
@@ -55,49 +51,11 @@ def sequential_groups(names: list[str], true_sequential: bool) -> list[list[str]
     return [g for g in groups if g]
 
 
-def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
-    """Put every parameter and buffer that is not in a decoder block on ``device``."""
-    inside = {id(t) for t in [*blocks.parameters(), *blocks.buffers()]}
-    for module in model.modules():
-        for param in module._parameters.values():
-            if param is not None and id(param) not in inside:
-                param.data = param.data.to(device)
-        for key, buf in module._buffers.items():
-            if buf is not None and id(buf) not in inside:
-                module._buffers[key] = buf.to(device)
-
-
-def _block_inputs(
-    model: nn.Module, first: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device
-) -> list[tuple[torch.Tensor, dict[str, Any]]]:
-    """The hidden states and keyword arguments that reach the first block, one entry per batch."""
-    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
-
-    def catch(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for batch in windows.split(batch_size):
-            with contextlib.suppress(_Stop):
-                model(batch.to(device), use_cache=False)
-    finally:
-        handle.remove()
-    return captured
-
-
-def _run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _collect_hessians(
     block: nn.Module,
     names: list[str],
     modules: dict[str, nn.Module],
-    inputs: list[tuple[torch.Tensor, dict[str, Any]]],
+    inputs: Activations,
     device: torch.device,
 ) -> dict[str, HessianAccumulator]:
     """Run the block over the calibration batches and accumulate each named layer's input Hessian.
@@ -121,7 +79,7 @@ def _collect_hessians(
                 owner[name].add(x)
             reached.append((name, x))
             if len(reached) == len(names):
-                raise _Stop
+                raise Stop
 
         return pre_hook
 
@@ -129,8 +87,8 @@ def _collect_hessians(
     try:
         for hidden, kwargs in inputs:
             reached.clear()
-            with contextlib.suppress(_Stop):
-                _run_block(block, hidden, kwargs)
+            with contextlib.suppress(Stop):
+                run_block(block, hidden, kwargs)
     finally:
         for handle in handles:
             handle.remove()
@@ -153,25 +111,21 @@ def quantize_gptq(
     ``windows`` are the calibration token windows, [n, seqlen]; ``options.batch_size`` of them go through a
     block at a time.
     """
-    prefix, blocks = decoder_blocks(model)
-    model.to("cpu")
-    _move_outside_blocks(model, blocks, device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    inputs = _block_inputs(model, blocks[0], windows, options.batch_size, device)
+    walk = BlockWalk(model, windows, options.batch_size, device)
     modules = dict(model.named_modules())
     layers: dict[str, LayerQuant] = {}
     stats = GPTQStats()
 
     with progress_bar() as progress:
-        block_task = progress.add_task("gptq blocks", total=len(blocks), unit="block")
+        block_task = progress.add_task("gptq blocks", total=len(walk.blocks), unit="block")
         layer_task = progress.add_task("  layers", total=None, unit="layer")
-        for index, block in enumerate(blocks):
-            block.to(device)
-            names = [n for n in targets if n.startswith(f"{prefix}.{index}.")]
+        for index, prefix, block in walk:
+            names = [n for n in targets if n.startswith(prefix)]
             progress.reset(layer_task, total=len(names), description=f"  block {index} layers")
             for group in sequential_groups(names, options.true_sequential):
-                hessians = _collect_hessians(block, group, modules, inputs, device)
+                hessians = _collect_hessians(block, group, modules, walk.inputs, device)
                 for name in group:
                     layer = modules[name]
                     result = gptq_quantize(layer.weight, hessians[name].H, spec, options, clip)
@@ -186,8 +140,6 @@ def quantize_gptq(
                     layers[name] = make_layer_quant(spec, result.scales, result.zeros, result.g_idx, options.act_order)
                     progress.advance(layer_task)
                 del hessians
-            inputs = [(_run_block(block, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
-            block.to("cpu")
             progress.advance(block_task)
 
     stats.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

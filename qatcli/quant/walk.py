@@ -1,0 +1,102 @@
+"""The calibration walk: windows carried through the decoder blocks one block at a time.
+
+The windows enter the first block; every block sees the outputs of the blocks before it, as they are
+after the caller has changed them (quantized, trained). Only the block being worked on is on the device,
+next to the activations; the rest of the model waits on the CPU, except the parts outside the blocks
+(embeddings, rotary tables), which run once to produce the first block's inputs. GPTQ and the block-wise
+QAT stage both walk the model this way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from qatcli.quant.targets import decoder_blocks
+
+Activations = list[tuple[torch.Tensor, dict[str, Any]]]
+
+
+class Stop(Exception):
+    """Raised from a hook to end a forward pass once it has produced what was needed."""
+
+
+def _move_outside_blocks(model: nn.Module, blocks: nn.ModuleList, device: torch.device) -> None:
+    """Put every parameter and buffer that is not in a decoder block on ``device``."""
+    inside = {id(t) for t in [*blocks.parameters(), *blocks.buffers()]}
+    for module in model.modules():
+        for param in module._parameters.values():
+            if param is not None and id(param) not in inside:
+                param.data = param.data.to(device)
+        for key, buf in module._buffers.items():
+            if buf is not None and id(buf) not in inside:
+                module._buffers[key] = buf.to(device)
+
+
+def _block_inputs(
+    model: nn.Module, first: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device
+) -> list[tuple[torch.Tensor, dict[str, Any]]]:
+    """The hidden states and keyword arguments that reach the first block, one entry per batch."""
+    captured: list[tuple[torch.Tensor, dict[str, Any]]] = []
+
+    def catch(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.append((hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise Stop
+
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in windows.split(batch_size):
+            with contextlib.suppress(Stop):
+                model(batch.to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return captured
+
+
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+class BlockWalk:
+    """Walk ``windows`` ([n, seqlen] tokens) through the blocks of ``model``, ``batch_size`` windows a batch.
+
+    Iterating yields (index, name prefix, block) with ``inputs`` holding what reaches that block; when the
+    caller asks for the next block, the current one (as the caller left it) turns them into the next inputs.
+    With ``keep_fp``, ``fp_outputs`` holds the block's outputs before the caller changed anything, computed
+    from the full-precision stream of activations (the unchanged model's own).
+    """
+
+    def __init__(
+        self, model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, keep_fp: bool = False
+    ) -> None:
+        self.prefix, self.blocks = decoder_blocks(model)
+        self.device = device
+        self.keep_fp = keep_fp
+        model.to("cpu")
+        _move_outside_blocks(model, self.blocks, device)
+        self.inputs: Activations = _block_inputs(model, self.blocks[0], windows, batch_size, device)
+        self.fp_inputs: Activations = list(self.inputs) if keep_fp else []
+        self.fp_outputs: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def _advance(self, block: nn.Module, acts: Activations) -> Activations:
+        return [(run_block(block, hidden, kwargs), kwargs) for hidden, kwargs in acts]
+
+    def __iter__(self) -> Iterator[tuple[int, str, nn.Module]]:
+        last = len(self.blocks) - 1
+        for index, block in enumerate(self.blocks):
+            block.to(self.device)
+            if self.keep_fp:
+                self.fp_outputs = [h for h, _ in self._advance(block, self.fp_inputs)]
+            yield index, f"{self.prefix}.{index}.", block
+            if index < last:  # nothing reads the last block's outputs
+                self.inputs = self._advance(block, self.inputs)
+                if self.keep_fp:
+                    self.fp_inputs = [(h, kw) for h, (_, kw) in zip(self.fp_outputs, self.fp_inputs, strict=True)]
+            block.to("cpu")
