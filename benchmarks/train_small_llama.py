@@ -27,7 +27,7 @@ from qatcli.outputs import atomic_dir
 from qatcli.report.progress import progress_bar
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import SOTU
+from common import TEST_DATA, TRAIN_DATA
 
 
 def train_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
@@ -57,7 +57,7 @@ def main() -> None:
     args = parser.parse_args()
 
     torch.manual_seed(args.seed)
-    train_text = "\n\n".join(read_texts(str(SOTU / "train.txt"), "train"))
+    train_text = "\n\n".join(read_texts(TRAIN_DATA, "train"))
     tokenizer = train_tokenizer(train_text, args.vocab_size)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
@@ -98,7 +98,7 @@ def main() -> None:
     seconds = time.perf_counter() - t0
     model.eval()
 
-    test = tokenize_texts(read_texts(str(SOTU / "test.txt"), "eval"), tokenizer)
+    test = tokenize_texts(read_texts(TEST_DATA, "eval"), tokenizer)
     result = perplexity(model, eval_windows(test, 512), torch.device("cpu"), "test ppl")
     info = {
         "parameters": sum(p.numel() for p in model.parameters()),

