@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from qatcli.report.figure import plot_compare, ppl_decimals, ppl_label, spread_offsets
+from qatcli.report.figure import compare_figure, plot_compare, ppl_decimals, ppl_label, spread_offsets
 
 
 def test_decimals_follow_the_spread() -> None:
@@ -38,11 +38,28 @@ def _row(series: str, bits: int, ppl: float) -> dict[str, object]:
     return {"series": series, "bits": bits, "ppl": ppl, "group_size": 64, "quantized_bytes": bits * 2**20}
 
 
-@pytest.mark.parametrize("ppls", [(139.9, 140.3, 140.2), (40.3, 216.0, 2.48e6)])
-def test_figure_is_written_for_narrow_and_wide_ranges(tmp_path: Path, ppls: tuple[float, float, float]) -> None:
+@pytest.mark.parametrize(("ppls", "scale"), [((139.9, 140.3, 140.2), "linear"), ((40.3, 216.0, 2.48e6), "log")])
+def test_figure_holds_every_series_point_and_label(
+    tmp_path: Path, ppls: tuple[float, float, float], scale: str
+) -> None:
     fp = {"ppl": ppls[0] - 0.1, "quantized_bytes": 16 * 2**20, "windows": 4, "seqlen": 64}
     rows = [_row("rtn", bits, ppl) for bits, ppl in zip((4, 3, 2), ppls, strict=True)]
     rows += [_row("gptq", bits, ppl * 0.999) for bits, ppl in zip((4, 3, 2), ppls, strict=True)]
+    fig = compare_figure(fp, rows, "title")
+    by_bits, by_size = fig.axes
+    for ax in (by_bits, by_size):
+        assert ax.get_yscale() == scale
+        lines = {line.get_label(): line for line in ax.get_lines() if not line.get_label().startswith("_")}
+        fp_label = f"full precision: ppl {fp['ppl']:.2f} (fp16 layers 16 MiB)"
+        assert set(lines) == {"rtn", "gptq", fp_label}
+        for name, factor in (("rtn", 1.0), ("gptq", 0.999)):
+            ys = sorted(lines[name].get_ydata())
+            assert ys == pytest.approx(sorted(p * factor for p in ppls))
+        assert list(lines[fp_label].get_ydata()) == [pytest.approx(fp["ppl"])] * 2
+    assert list(by_bits.get_lines()[0].get_xdata()) == [2, 3, 4]
+    assert sorted(by_size.get_lines()[0].get_xdata()) == [2, 3, 4]  # MiB: bits * 1 MiB in _row
+    assert len(by_bits.texts) == len(rows)  # every point carries its perplexity
+    assert fig._suptitle.get_text() == "title"
     path = tmp_path / "figure.tmp"
     plot_compare(fp, rows, "title", path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -60,10 +60,16 @@ def spread_offsets(heights: list[float], gap: float) -> list[float]:
 
 
 def plot_compare(fp: dict[str, Any], rows: list[dict[str, Any]], title: str, path: Path) -> None:
-    """Two panels, one line per series (method, estimator, init; and group size where several are compared).
+    """Write the compare figure to ``path`` as PNG whatever its name (the caller writes a temporary file)."""
+    import matplotlib.pyplot as plt
 
-    ``path`` is written as PNG whatever its name (the caller writes to a temporary file and renames it).
-    """
+    fig = compare_figure(fp, rows, title)
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def compare_figure(fp: dict[str, Any], rows: list[dict[str, Any]], title: str) -> Any:
+    """Two panels, one line per series (method, estimator, init; and group size where several are compared)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,8 +123,7 @@ def plot_compare(fp: dict[str, Any], rows: list[dict[str, Any]], title: str, pat
     fig.legend(handles, legend_labels, loc="outside lower center", ncol=min(3, len(legend_labels)), frameon=False)
     fig.suptitle(title)
     _annotate_spread(fig, by_bits, labels)
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    return fig
 
 
 def _annotate_spread(fig: Any, ax: Any, labels: list[tuple[float, float, str, str]]) -> None:
