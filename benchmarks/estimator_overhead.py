@@ -1,11 +1,12 @@
-"""Step-time overhead of each QAT estimator against ste, measured in one run on the same batches.
+"""Step-time overhead of each QAT estimator against full precision and ste, measured in one run on the same batches.
 
-For each group size the model is prepared for QAT once; for every batch each estimator in turn does its
-before-step work (jacobian's refresh of B every `update_every` steps), a forward and a backward pass (the
-estimators are swapped on the same fake-quantized layers), so all see identical work apart from what the
-estimator adds. The mean step time counts the periodic refreshes (a median would hide them); jacobian's
-one-time setup (caching the calibration Gram blocks, at its first refresh) runs in the warm-up and is
-reported apart. Appends the table to docs/results.md.
+For each group size the model is prepared for QAT once, and a second, full-precision copy trains the same
+Linear weights without fake quantization (the `fp` row). For every batch the fp model and then each estimator in
+turn do their before-step work (jacobian's refresh of B every `update_every` steps), a forward and a backward
+pass (the estimators are swapped on the same fake-quantized layers), so all see identical work apart from what
+fake quantization and the estimator add. The mean step time counts the periodic refreshes (a median would hide
+them); jacobian's one-time setup (caching the calibration Gram blocks, at its first refresh) runs in the warm-up
+and is reported apart. Appends the table to docs/results.md (or --results).
 
     python benchmarks/estimator_overhead.py --model smollm2-135m --bits 2 --group-sizes 64 --steps 20
 """
@@ -17,23 +18,26 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from qatcli.data.models import load_model, load_tokenizer, resolve_model
 from qatcli.data.sources import TrainBatches, read_texts, tokenize_texts
-from qatcli.qat.estimators import make_estimator
-from qatcli.qat.fake_quant import prepare_qat
-from qatcli.qat.trainer import ce_loss
+from qatcli.qat.estimators import Estimator, LayerEstimator, make_estimator
+from qatcli.qat.fake_quant import FakeQuantLinear, prepare_qat
+from qatcli.qat.losses import ce_loss
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import check_group_size, find_targets
+from qatcli.recipe import JacobianConfig, QATConfig, QuantConfig
 from qatcli.runtime import resolve_device
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import REPO, SOTU, machine, publish
+from common import REPO, TRAIN_DATA, machine, publish
 
 WARMUP = 2
 
@@ -43,63 +47,82 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def train_only(model: nn.Module, weights: list[nn.Parameter]) -> None:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in weights:
+        p.requires_grad_(True)
+
+
+def timed_step(model: nn.Module, ids: torch.Tensor, device: torch.device, before: Callable[[], None]) -> float:
+    """Seconds of before-step work, forward and backward on one batch."""
+    sync(device)
+    t0 = time.perf_counter()
+    before()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+    with autocast:
+        loss = ce_loss(model(ids, use_cache=False).logits, ids)
+    loss.backward()
+    sync(device)
+    seconds = time.perf_counter() - t0
+    model.zero_grad(set_to_none=True)
+    return seconds
+
+
+def per_layer(estimator: Estimator, fakes: dict[str, FakeQuantLinear]) -> dict[str, LayerEstimator]:
+    """The estimator's object for every layer, made once: swapping them in keeps each estimator's own state."""
+    return {name: estimator.for_layer(name, fake.grid) for name, fake in fakes.items()}
+
+
 def measure(args: argparse.Namespace, group_size: int, device: torch.device) -> list[str]:
-    """Rows of the table for one group size: mean/median step seconds per estimator and overhead vs ste."""
+    """Rows of the table for one group size: mean/median step seconds, overhead vs fp and vs the first estimator."""
     ref = resolve_model(args.model)
-    model = load_model(ref, device)
-    tokenizer = load_tokenizer(ref)
+    fp, model = load_model(ref, device), load_model(ref, device)
     spec = QuantSpec(args.bits, group_size)
     targets = find_targets(model, [], [])
     check_group_size(targets, spec)
-    estimators = {name: make_estimator(name) for name in args.estimators}
-    fakes = prepare_qat(model, quantize_rtn(targets, spec), estimators[args.estimators[0]])
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for fake in fakes.values():
-        fake.weight.requires_grad_(True)
-        fake.scales.requires_grad_(True)
-    tokens = tokenize_texts(read_texts(args.data, "train"), tokenizer)
+    estimators = {name: make_estimator(QATConfig(estimator=name), seed=0) for name in args.estimators}
+    fakes = prepare_qat(model, quantize_rtn(targets, spec, QuantConfig().clip), estimators[args.estimators[0]])
+    layer_estimators = {name: per_layer(estimator, fakes) for name, estimator in estimators.items()}
+    train_only(model, [p for fake in fakes.values() for p in (fake.weight, fake.scales)])
+    train_only(fp, [fp.get_submodule(name).weight for name in fakes])
+    tokens = tokenize_texts(read_texts(args.data, "train"), load_tokenizer(ref))
     batches = TrainBatches(tokens, args.seqlen, args.batch_size, 0)
     calibration = TrainBatches(tokens, args.seqlen, args.batch_size, 1)
 
-    def run_calibration() -> None:
-        for _ in range(4):
+    def calibrate(n: int) -> None:
+        for _ in range(n):
             model(calibration.next_batch().to(device), use_cache=False)
 
     setup_seconds: dict[str, float] = {}
-    times: dict[str, list[float]] = {name: [] for name in estimators}
+    times: dict[str, list[float]] = {name: [] for name in ["fp", *estimators]}
     for step in range(args.steps + WARMUP):
         ids = batches.next_batch().to(device)
+        seconds = {"fp": timed_step(fp, ids, device, lambda: None)}
         for name, estimator in estimators.items():
-            for fake in fakes.values():
-                fake.estimator = estimator
-            sync(device)
-            t0 = time.perf_counter()
+            for layer, fake in fakes.items():
+                fake.estimator = layer_estimators[name][layer]
             if step == 0:
-                estimator.setup(fakes, run_calibration)
+                estimator.setup(calibrate)
+                sync(device)
+                t0 = time.perf_counter()
                 estimator.before_step(0)  # jacobian caches its Gram blocks here
                 sync(device)
                 setup_seconds[name] = time.perf_counter() - t0
-                t0 = time.perf_counter()
-            elif step >= WARMUP:
-                estimator.before_step(step - WARMUP)
-            autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-            with autocast:
-                loss = ce_loss(model(ids, use_cache=False).logits, ids)
-            loss.backward()
-            sync(device)
-            if step >= WARMUP:
-                times[name].append(time.perf_counter() - t0)
-            model.zero_grad(set_to_none=True)
-        print(f"g{group_size} step {step}: " + ", ".join(f"{n} {t[-1]:.3f}s" for n, t in times.items() if t))
+            before = (lambda e=estimator, s=step - WARMUP: e.before_step(s)) if step >= WARMUP else (lambda: None)
+            seconds[name] = timed_step(model, ids, device, before)
+        if step >= WARMUP:
+            for name, value in seconds.items():
+                times[name].append(value)
+        print(f"g{group_size} step {step}: " + ", ".join(f"{n} {s:.3f}s" for n, s in seconds.items()))
 
-    base = statistics.mean(times[args.estimators[0]])
+    fp_mean, base = statistics.mean(times["fp"]), statistics.mean(times[args.estimators[0]])
     rows = []
     for name, t in times.items():
         mean = statistics.mean(t)
         rows.append(
-            f"| {group_size} | {name} | {mean:.3f} | {statistics.median(t):.3f} | {100 * (mean / base - 1):+.1f}% "
-            f"| {setup_seconds[name]:.2f} |"
+            f"| {group_size} | {name} | {mean:.3f} | {statistics.median(t):.3f} | {mean / fp_mean:.3f}x "
+            f"| {100 * (mean / base - 1):+.1f}% | {setup_seconds.get(name, 0.0):.2f} |"
         )
     return rows
 
@@ -113,7 +136,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="Measured batches (after 2 warm-up batches).")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
-    parser.add_argument("--data", default=str(SOTU / "train.txt"))
+    parser.add_argument("--data", default=TRAIN_DATA)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "results.md")
     args = parser.parse_args()
@@ -126,12 +149,12 @@ def main() -> None:
         f"Command: `python benchmarks/estimator_overhead.py {shlex.join(sys.argv[1:])}`  ",
         f"Machine: {machine()}  ",
         f"Model {args.model}, {args.bits}-bit, batches of {args.batch_size} x {args.seqlen} tokens; before-step "
-        f"work + forward + backward, the same {args.steps} batches for every estimator, interleaved. Overhead "
-        f"from the mean step time against {args.estimators[0]}; jacobian refreshes B every "
-        f"{make_estimator('jacobian').update_every} steps (counted), its one-time setup is apart.",
+        f"work + forward + backward, the same {args.steps} batches for fp and every estimator, interleaved. Ratios "
+        f"from the mean step time against fp and against {args.estimators[0]}; jacobian refreshes B every "
+        f"{JacobianConfig().update_every} steps (counted), its one-time setup is apart.",
         "",
-        "| group | estimator | mean step s | median step s | overhead (mean) | setup s |",
-        "|---|---|---|---|---|---|",
+        f"| group | estimator | mean step s | median step s | vs fp | vs {args.estimators[0]} | setup s |",
+        "|---|---|---|---|---|---|---|",
         *rows,
     ]
     publish("\n".join(lines) + "\n", args.results)

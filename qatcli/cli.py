@@ -34,7 +34,7 @@ def flag(key: str, *decls: str, **kwargs: Any) -> Any:
     return typer.Option(*decls, help=field_help(key), **kwargs)
 
 
-def _group_size(text: str) -> int | str:
+def _int_or_text(text: str) -> int | str:
     """auto, or an integer; any other text goes on to the recipe check, which names what is allowed."""
     text = text.strip()
     return int(text) if re.fullmatch(r"[-+]?\d+", text) else text
@@ -54,7 +54,7 @@ DeviceOpt = Annotated[str | None, flag("device")]
 SeedOpt = Annotated[int | None, flag("seed")]
 BitsOpt = Annotated[int | None, flag("quant.bits")]
 # Any: typer refuses a union such as int | str; the parser gives an int or the text (auto).
-GroupSizeOpt = Annotated[Any, flag("quant.group_size", parser=_group_size, metavar="auto|-1|N")]
+GroupSizeOpt = Annotated[Any, flag("quant.group_size", parser=_int_or_text, metavar="auto|-1|N")]
 SymOpt = Annotated[bool | None, flag("quant.sym", "--sym/--asym")]
 ClipOpt = Annotated[str | None, flag("quant.clip")]
 CalibDataOpt = Annotated[str | None, flag("calib.data")]
@@ -98,6 +98,8 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
         "init": "qat.init",
         "data": "qat.data",
         "steps": "qat.steps",
+        "block_epochs": "qat.block.epochs",
+        "train": "qat.train",
         "batch_size": "qat.batch_size",
         "seqlen": "qat.seqlen",
         "grad_accum": "qat.grad_accum",
@@ -181,6 +183,10 @@ def qat(
     init: Annotated[str | None, flag("qat.init")] = None,
     data: Annotated[str | None, flag("qat.data")] = None,
     steps: Annotated[int | None, flag("qat.steps")] = None,
+    block_epochs: Annotated[
+        Any, flag("qat.block.epochs", "--block-epochs", parser=_int_or_text, metavar="auto|N")
+    ] = None,
+    train: Annotated[str | None, flag("qat.train")] = None,
     batch_size: Annotated[int | None, flag("qat.batch_size")] = None,
     seqlen: Annotated[int | None, flag("qat.seqlen", "--seqlen", "--train-seqlen")] = None,
     grad_accum: Annotated[int | None, flag("qat.grad_accum")] = None,

@@ -23,6 +23,9 @@ from qatcli.quant.grid import CLIP_METHODS, SUPPORTED_BITS
 PTQ_METHODS = ("rtn", "gptq")
 EXPORT_FORMATS = FORMATS
 QAT_LOSSES = ("kd", "ce")
+BLOCK_LOSSES = ("mse", "token_mse")
+QAT_TRAIN = ("all", "scales")
+AUTO_BLOCK_EPOCHS = 2
 COMPARE_METHODS = ("rtn", "gptq", "qat")
 EXPORT_DTYPES = tuple(DENSE_DTYPES)
 SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
@@ -128,12 +131,49 @@ class JacobianConfig:
 
 
 @dataclass
+class BlockConfig:
+    """The block-wise stage of qat (after EfficientQAT's Block-AP), run before the end-to-end steps."""
+
+    epochs: int | str = field(
+        default=AUTO,
+        metadata=doc(
+            "Passes over the calibration windows for each decoder block; 0 turns the stage off; auto: "
+            f"{AUTO_BLOCK_EPOCHS} at 2 and 3 bits, 0 at 4 and 8"
+        ),
+    )
+    nsamples: int = field(default=128, metadata=doc("Calibration windows, drawn from qat.data"))
+    seqlen: int = field(default=256, metadata=doc("Tokens per calibration window"))
+    batch_size: int = field(default=4, metadata=doc("Windows per step inside a block"))
+    lr: float = field(default=1e-4, metadata=doc("Learning rate of the latent weights in the block stage"))
+    scale_lr: float = field(default=1e-4, metadata=doc("Learning rate of the scales in the block stage"))
+    loss: str = field(
+        default="mse",
+        metadata=doc(
+            "Distance to the full-precision block's output: mse, or token_mse (each token's squared error over "
+            "its own squared norm, so a few massive activations do not decide it)"
+        ),
+    )
+
+    def epochs_for(self, bits: int) -> int:
+        if self.epochs == AUTO:
+            return AUTO_BLOCK_EPOCHS if bits <= 3 else 0
+        return int(self.epochs)
+
+
+@dataclass
 class QATConfig:
     estimator: str = field(default="ste", metadata=doc("Backward of rounding: ste, fourier or jacobian"))
     amplitudes: list[float] = field(
         default_factory=lambda: [0.21], metadata=doc("fourier's amplitudes A_k, one per flag")
     )
     jacobian: JacobianConfig = field(default_factory=JacobianConfig, metadata=doc("Knobs of the jacobian estimator"))
+    block: BlockConfig = field(default_factory=BlockConfig, metadata=doc("The block-wise stage before end-to-end"))
+    train: str = field(
+        default="all",
+        metadata=doc(
+            "What the end-to-end steps train: all (latent weights and scales) or scales (EfficientQAT's E2E-QP)"
+        ),
+    )
     variance_reduction: bool = field(default=False, metadata=doc("MARS-style corrected gradients inside AdamW"))
     vr_gamma: float = field(default=0.025, metadata=doc("MARS's gamma, with variance_reduction"))
     init: str = field(
@@ -147,7 +187,7 @@ class QATConfig:
             "holds the 400 windows of 256 tokens that 100 steps of 4 windows read once"
         ),
     )
-    steps: int = field(default=100, metadata=doc("Optimizer steps"))
+    steps: int = field(default=100, metadata=doc("End-to-end optimizer steps (0: the block stage alone)"))
     batch_size: int = field(default=4, metadata=doc("Windows per micro-batch"))
     seqlen: int = field(default=256, metadata=doc("Tokens per training window"))
     grad_accum: int = field(default=1, metadata=doc("Micro-batches per optimizer step"))
@@ -407,7 +447,8 @@ def _value_problems(recipe: Recipe) -> list[str]:
             "calib.seqlen": recipe.calib.seqlen,
             "gptq.block_size": recipe.gptq.block_size,
             "gptq.batch_size": recipe.gptq.batch_size,
-            **{f"qat.{k}": getattr(t, k) for k in ("steps", "batch_size", "seqlen", "grad_accum", "save_every")},
+            **{f"qat.{k}": getattr(t, k) for k in ("batch_size", "seqlen", "grad_accum", "save_every")},
+            **{f"qat.block.{k}": getattr(t.block, k) for k in ("nsamples", "seqlen", "batch_size", "lr", "scale_lr")},
             **{f"qat.{k}": getattr(t, k) for k in ("lr", "scale_lr", "clip_grad")},
             "export.max_shard_mib": e.max_shard_mib,
             "eval.seqlen": recipe.eval.seqlen,
@@ -415,6 +456,14 @@ def _value_problems(recipe: Recipe) -> list[str]:
         },
     )
     _one_of(problems, "qat.loss", t.loss, QAT_LOSSES)
+    _one_of(problems, "qat.block.loss", t.block.loss, BLOCK_LOSSES)
+    _one_of(problems, "qat.train", t.train, QAT_TRAIN)
+    if t.steps < 0:
+        problems.append(f"recipe: qat.steps must be 0 or more, got {t.steps}")
+    if not (t.block.epochs == AUTO or (isinstance(t.block.epochs, int) and t.block.epochs >= 0)):
+        problems.append(f"recipe: qat.block.epochs must be auto or 0 or more, got {t.block.epochs!r}")
+    if t.steps == 0 and t.block.epochs_for(recipe.quant.bits) == 0:
+        problems.append("recipe: qat.steps and qat.block.epochs are both 0: nothing would be trained")
     if not 0 <= t.vr_gamma <= 1:
         problems.append(f"recipe: qat.vr_gamma must be in [0, 1], got {t.vr_gamma}")
     if t.warmup_steps < 0 or not 0 <= t.min_lr_ratio <= 1 or t.weight_decay < 0:

@@ -13,11 +13,11 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from qatcli.formats.checkpoint import save_checkpoint
-from qatcli.quant.gptq import GPTQConfig
 from qatcli.quant.gptq_model import quantize_gptq
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import find_targets
+from qatcli.recipe import GPTQOptions
 
 # Short CC0 cuts of State of the Union addresses (tests/data/README.md): train.txt, valid.txt, test.txt.
 SOTU = Path(__file__).resolve().parent / "data" / "sotu"
@@ -105,9 +105,11 @@ def make_checkpoint(model_dir: Path, out: Path, spec: QuantSpec, method: str, ac
     targets = find_targets(model, [], [])
     if method == "gptq":
         windows = torch.randint(0, len(tokenizer), (8, 32), generator=torch.Generator().manual_seed(0))
-        layers, _ = quantize_gptq(model, targets, spec, GPTQConfig(act_order=act_order), windows, torch.device("cpu"))
+        layers, _ = quantize_gptq(
+            model, targets, spec, GPTQOptions(act_order=act_order), "minmax", windows, torch.device("cpu")
+        )
     else:
-        layers = quantize_rtn(targets, spec)
+        layers = quantize_rtn(targets, spec, "minmax")
     meta = {
         "method": method,
         "base_model": {"spec": str(model_dir), "kind": "local", "location": str(model_dir)},

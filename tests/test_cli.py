@@ -65,21 +65,23 @@ def quantized(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, so
 
 def test_ptq_writes_a_complete_checkpoint(quantized: dict[str, Path], tiny_model_dir: Path) -> None:
     path = quantized[2]
-    for name in ("config.json", "model.safetensors", "quant.safetensors", "qatcli.json", "tokenizer.json"):
+    for name in ("config.json", "latent.safetensors", "quant.safetensors", "qatcli.json", "tokenizer.json"):
         assert (path / name).is_file(), name
     meta = json.loads((path / "qatcli.json").read_text())
-    assert meta["method"] == "rtn" and meta["quantization"] == {"bits": 2, "group_size": 32, "sym": False}
+    assert meta["method"] == "rtn"
+    assert meta["quantization"] == {"bits": 2, "group_size": 32, "sym": False, "clip": "minmax"}
     assert len(meta["layers"]) == 2 * 7  # q, k, v, o, gate, up, down in each of 2 blocks
     assert "lm_head" not in str(list(meta["layers"])) and "embed" not in str(list(meta["layers"]))
     assert meta["recipe"]["quant"]["bits"] == 2 and meta["provenance"]["command"] == "ptq"
     assert meta["metrics"]["eval"]["windows"] == 4 and meta["metrics"]["eval"]["ppl"] > 1
 
-    # The latent weights are the original ones; the grid of each layer is the one grid.py computes.
+    # The latent weights are the original ones (so none is stored); the grid is the one grid.py computes.
     original = load_file(str(tiny_model_dir / "model.safetensors"))
-    latent = load_file(str(path / "model.safetensors"))
     quant = load_file(str(path / "quant.safetensors"))
     name = "model.layers.1.mlp.down_proj"
-    assert torch.equal(latent[f"{name}.weight"], original[f"{name}.weight"])
+    assert meta["layers"][name]["latent"] == "base"
+    latent = load_checkpoint(path, torch.device("cpu"), fake_quant=False)[0].get_submodule(name).weight
+    assert torch.equal(latent.detach(), original[f"{name}.weight"])
     scales, zeros = group_qparams(original[f"{name}.weight"], QuantSpec(2, 32, sym=False))
     assert torch.equal(quant[f"{name}.scales"].float(), scales)
     assert torch.equal(quant[f"{name}.zeros"].float(), zeros)
@@ -296,7 +298,7 @@ def test_gptq_through_the_cli(tiny_model_dir: Path, sotu: Path, tmp_path: Path, 
     assert all(info["act_order"] is act_order for info in meta["layers"].values())
 
     # The latent weights are GPTQ's dequantized weights: loading applies the grid and changes nothing.
-    latent = load_file(str(out / "model.safetensors"))
+    latent = load_file(str(out / "latent.safetensors"))
     model, _, _, layers = load_checkpoint(out, torch.device("cpu"))
     modules = dict(model.named_modules())
     for name in layers:
@@ -419,8 +421,10 @@ def test_one_meaning_per_flag_and_flag_names_are_recipe_keys() -> None:
             names = [n for n in option.opts + option.secondary_opts if n.startswith("--")]
             for name in names:
                 meanings.setdefault(name, set()).add(key)
-            leaf, dashed = key.split(".")[-1].replace("_", "-"), key.replace(".", "-").replace("_", "-")
-            assert f"--{leaf}" in names or f"--{dashed}" in names, (command, names, key)
+            # the key's leaf, its last two parts (qat.block.epochs: --block-epochs) or the whole key
+            parts = key.replace("_", "-").split(".")
+            accepted = {f"--{parts[-1]}", f"--{'-'.join(parts[-2:])}", f"--{'-'.join(parts)}"}
+            assert accepted & set(names), (command, names, key)
     # the obvious one of each command: ptq's --seqlen is the calibration's, qat's the training's, and so on
     per_command = {"--seqlen", "--data", "--output"}
     assert {name: keys for name, keys in meanings.items() if len(keys) > 1 and name not in per_command} == {}

@@ -2,27 +2,34 @@
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+import qatcli.qat.estimators as estimators_package
 from qatcli.errors import QatcliError
-from qatcli.qat.estimators import FOURIER_C, Fourier, make_estimator
+from qatcli.qat.estimators import FOURIER_C, STE, Estimator, Fourier, fourier_factor, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, convert_qat, prepare_qat
 from qatcli.quant.grid import QuantSpec, default_g_idx, fake_quantize, group_qparams
 from qatcli.quant.layer import make_layer_quant
+from qatcli.recipe import JacobianConfig, QATConfig
 
 
-def fake_linear(estimator_name: str, spec: QuantSpec, **options) -> FakeQuantLinear:
+def fake_linear(estimator: Estimator, spec: QuantSpec, scattered: bool = False) -> FakeQuantLinear:
+    """A 64 -> 16 layer; ``scattered`` permutes the columns' groups, as an act-order checkpoint does."""
     torch.manual_seed(0)
     linear = nn.Linear(64, 16, bias=False)
     with torch.no_grad():
         linear.weight.mul_(3)
     scales, zeros = group_qparams(linear.weight.detach(), spec)
-    lq = make_layer_quant(spec, scales, zeros, default_g_idx(64, spec.group_size))
-    return FakeQuantLinear(linear, lq, make_estimator(estimator_name, **options))
+    g_idx = default_g_idx(64, spec.group_size)
+    if scattered:
+        g_idx = g_idx[torch.randperm(64, generator=torch.Generator().manual_seed(5))]
+    return FakeQuantLinear(linear, make_layer_quant(spec, scales, zeros, g_idx, scattered), estimator, "layer")
 
 
 def grads(layer: FakeQuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,41 +38,54 @@ def grads(layer: FakeQuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     return layer.weight.grad.clone(), layer.scales.grad.clone()
 
 
+@pytest.mark.parametrize("scattered", [False, True])
 @pytest.mark.parametrize("sym", [True, False])
-def test_forward_is_the_grid(sym: bool) -> None:
+def test_forward_is_the_grid(sym: bool, scattered: bool) -> None:
     spec = QuantSpec(2, 16, sym)
-    layer = fake_linear("ste", spec)
+    layer = fake_linear(STE(), spec, scattered)
+    assert layer.contiguous is not scattered
     lq = layer.layer_quant()
     expected = fake_quantize(layer.weight.detach(), lq.scales, lq.zeros, lq.g_idx, spec.maxq)
     assert torch.equal(layer.quantized_weight().detach(), expected)
+
+
+def test_contiguous_groups_take_the_same_gradients_as_the_per_column_path() -> None:
+    layer = fake_linear(Fourier([0.21]), QuantSpec(3, 16, sym=False))
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
+    reshaped = grads(layer, x)
+    forward = layer.quantized_weight().detach()
+    layer.contiguous = False
+    assert torch.equal(layer.quantized_weight().detach(), forward)
+    gathered = grads(layer, x)
+    assert torch.equal(reshaped[0], gathered[0])
+    torch.testing.assert_close(reshaped[1], gathered[1])  # sums over a group in another order
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 def test_fourier_with_zero_amplitude_is_ste(bits: int) -> None:
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
     spec = QuantSpec(bits, 32, sym=True)
-    ste = grads(fake_linear("ste", spec), x)
-    fourier = grads(fake_linear("fourier", spec, amplitudes=[0.0]), x)
+    ste = grads(fake_linear(STE(), spec), x)
+    fourier = grads(fake_linear(Fourier([0.0]), spec), x)
     assert torch.equal(ste[0], fourier[0]) and torch.equal(ste[1], fourier[1])
 
 
 def test_fourier_factor_matches_the_formula() -> None:
-    est = Fourier([0.21])
     v = torch.tensor([0.0, 1.0, -2.0, 0.5, -1.5, 0.25, 2.7, -0.1])
     delta = v - torch.round(v)
     s = 0.21 * torch.cos(math.pi * delta)
     expected = (1 - FOURIER_C * s) / (1 + FOURIER_C * s)
-    torch.testing.assert_close(est.factor(v, None), expected)
-    assert est.factor(torch.tensor([0.0, 3.0]), None).tolist() == pytest.approx([0.0347] * 2, abs=1e-3)  # grid points
-    assert est.factor(torch.tensor([0.5, -1.5]), None).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)  # boundaries
-    two = Fourier([0.1, 0.05])
+    torch.testing.assert_close(fourier_factor(v, [0.21]), expected)
+    assert fourier_factor(torch.tensor([0.0, 3.0]), [0.21]).tolist() == pytest.approx([0.0347] * 2, abs=1e-3)
+    assert fourier_factor(torch.tensor([0.5, -1.5]), [0.21]).tolist() == pytest.approx([1.0, 1.0], abs=1e-5)
     s2 = 0.1 * torch.cos(math.pi * delta) + 0.05 * torch.cos(3 * math.pi * delta)
-    torch.testing.assert_close(two.factor(v, None), (1 - FOURIER_C * s2) / (1 + FOURIER_C * s2))
+    torch.testing.assert_close(fourier_factor(v, [0.1, 0.05]), (1 - FOURIER_C * s2) / (1 + FOURIER_C * s2))
 
 
-def test_latent_gradient_is_factor_times_incoming_inside_the_range() -> None:
+@pytest.mark.parametrize("scattered", [False, True])
+def test_latent_gradient_is_factor_times_incoming_inside_the_range(scattered: bool) -> None:
     spec = QuantSpec(2, 16, sym=True)
-    layer = fake_linear("fourier", spec)
+    layer = fake_linear(Fourier([0.21]), spec, scattered)
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
     w_q = layer.quantized_weight()
     w_q.retain_grad()
@@ -75,13 +95,14 @@ def test_latent_gradient_is_factor_times_incoming_inside_the_range() -> None:
     v = layer.weight.detach() / s
     inside = ((torch.round(v) + z) >= 0) & ((torch.round(v) + z) <= spec.maxq)
     assert 0 < inside.float().mean() < 1  # both cases present
-    expected = w_q.grad * Fourier([0.21]).factor(v, None) * inside
+    expected = w_q.grad * fourier_factor(v, [0.21]) * inside
     torch.testing.assert_close(layer.weight.grad, expected)
 
 
-def test_scale_gradient_is_lsq() -> None:
+@pytest.mark.parametrize("scattered", [False, True])
+def test_scale_gradient_is_lsq(scattered: bool) -> None:
     spec = QuantSpec(3, 32, sym=False)
-    layer = fake_linear("ste", spec)
+    layer = fake_linear(STE(), spec, scattered)
     x = torch.randn(4, 64, generator=torch.Generator().manual_seed(3))
     w_q = layer.quantized_weight()
     w_q.retain_grad()
@@ -92,7 +113,7 @@ def test_scale_gradient_is_lsq() -> None:
     r = torch.round(v) + z
     inside = (r >= 0) & (r <= spec.maxq)
     per_weight = w_q.grad * torch.where(inside, torch.round(v) - v, r.clamp(0, spec.maxq) - z)
-    expected = per_weight.reshape(16, 2, 32).sum(dim=2) / math.sqrt(32 * spec.maxq)
+    expected = torch.zeros(16, 2).index_add_(1, layer.g_idx, per_weight) / math.sqrt(32 * spec.maxq)
     torch.testing.assert_close(layer.scales.grad, expected)
 
 
@@ -104,7 +125,24 @@ def test_invalid_amplitudes_are_refused(amplitudes: list[float]) -> None:
 
 def test_unknown_estimator() -> None:
     with pytest.raises(QatcliError, match="unknown estimator 'magic'"):
-        make_estimator("magic")
+        make_estimator(QATConfig(estimator="magic"), seed=0)
+
+
+def test_make_estimator_reads_the_recipe_section() -> None:
+    assert make_estimator(QATConfig(), seed=0).describe() == {"name": "ste"}
+    fourier = make_estimator(QATConfig(estimator="fourier", amplitudes=[0.1, 0.05]), seed=0)
+    assert fourier.describe() == {"name": "fourier", "amplitudes": [0.1, 0.05]}
+    knobs = JacobianConfig(update_every=3, blend=1.0)
+    jacobian = make_estimator(QATConfig(estimator="jacobian", jacobian=knobs), seed=7)
+    assert jacobian.describe() == {"name": "jacobian", **vars(knobs)}
+
+
+def test_the_estimators_do_not_import_fake_quant() -> None:
+    for path in Path(estimators_package.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert node.module is None or not node.module.startswith("qatcli.qat.fake_quant"), path
+                assert node.module != "qatcli.qat" or "fake_quant" not in [a.name for a in node.names], path
 
 
 def test_prepare_and_convert_round_trip() -> None:
@@ -115,7 +153,7 @@ def test_prepare_and_convert_round_trip() -> None:
         w = model.get_submodule(name).weight.detach()
         layers[name] = make_layer_quant(spec, *group_qparams(w, spec), default_g_idx(32, 16))
     weight = model[0].weight
-    fakes = prepare_qat(model, layers, make_estimator("ste"))
+    fakes = prepare_qat(model, layers, STE())
     assert isinstance(model[0], FakeQuantLinear) and model[0].weight is weight
     back = convert_qat(model, fakes)
     assert type(model[0]) is nn.Linear and model[0].weight is weight

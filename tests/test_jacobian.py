@@ -7,11 +7,12 @@ import torch
 from torch import nn
 
 from qatcli.errors import QatcliError
-from qatcli.qat.estimators import Jacobian, make_estimator
+from qatcli.qat.estimators import STE, Jacobian
 from qatcli.qat.estimators.jacobian import dither_slope, group_mean, group_order, probe_slope
 from qatcli.qat.fake_quant import FakeQuantLinear, prepare_qat
 from qatcli.quant.grid import QuantSpec, default_g_idx, fake_quantize_dense, group_qparams
 from qatcli.quant.layer import make_layer_quant
+from qatcli.recipe import JacobianConfig
 
 
 def grid_quantizer(s: torch.Tensor, z: torch.Tensor, maxq: int):
@@ -62,16 +63,17 @@ def test_group_mean_follows_g_idx() -> None:
     assert group_mean(x, g_idx, 2).tolist() == [[4.0, 3.0]]
 
 
-def jacobian_layer(spec: QuantSpec, **options) -> tuple[FakeQuantLinear, torch.Tensor]:
+def jacobian_layer(spec: QuantSpec, **knobs) -> tuple[FakeQuantLinear, Jacobian, torch.Tensor]:
     torch.manual_seed(0)
     linear = nn.Linear(64, 16, bias=False)
     with torch.no_grad():
         linear.weight.mul_(3)
     lq = make_layer_quant(spec, *group_qparams(linear.weight.detach(), spec), default_g_idx(64, spec.group_size))
-    layer = FakeQuantLinear(linear, lq, make_estimator("jacobian", **options), "layer")
+    est = Jacobian(JacobianConfig(**knobs), seed=0)
+    layer = FakeQuantLinear(linear, lq, est, "layer")
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(2))
-    layer.estimator.setup({"layer": layer}, lambda: layer(x))
-    return layer, x
+    est.setup(lambda batches: [layer(x) for _ in range(batches)])
+    return layer, est, x
 
 
 def grads(layer: FakeQuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,59 +82,72 @@ def grads(layer: FakeQuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.
     return layer.weight.grad.clone(), layer.scales.grad.clone()
 
 
+def with_ste(layer: FakeQuantLinear) -> FakeQuantLinear:
+    layer.estimator = STE().for_layer("layer", layer.grid)
+    return layer
+
+
 @pytest.mark.parametrize("bits", [2, 4])
 def test_jacobian_with_b_fixed_at_one_is_ste(bits: int) -> None:
     spec = QuantSpec(bits, 16)
-    layer, x = jacobian_layer(spec, clip_min=1.0, clip_max=1.0, update_every=1)
-    layer.estimator.before_step(0)
+    layer, est, x = jacobian_layer(spec, clip_min=1.0, clip_max=1.0, update_every=1)
+    est.before_step(0)
     got = grads(layer, x)
-    layer.estimator = make_estimator("ste")
-    expected = grads(layer, x)
+    expected = grads(with_ste(layer), x)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
 
 
 @pytest.mark.parametrize("blend", [0.0, 0.5, 1.0])
 def test_b_has_the_group_shape_stays_in_range_and_scales_the_gradient(blend: float) -> None:
     spec = QuantSpec(2, 16)
-    layer, x = jacobian_layer(spec, blend=blend, clip_min=0.2, clip_max=1.5, update_every=2, ema=0.5)
-    est = layer.estimator
+    layer, est, x = jacobian_layer(spec, blend=blend, clip_min=0.2, clip_max=1.5, update_every=2, ema=0.5)
     for step in range(5):
         est.before_step(step)
-        b = est.b["layer"]
+        b = est.layers["layer"].b
         assert b.shape == layer.scales.shape and b.min() >= 0.2 and b.max() <= 1.5
-    assert est.refreshes == 3 and bool(est.grams) == (blend < 1)
+    assert est.refreshes == 3 and (est.layers["layer"].gram is not None) == (blend < 1)
     assert not torch.allclose(b, torch.ones_like(b))  # it measured something
     got, _ = grads(layer, x)
-    layer.estimator = make_estimator("ste")
-    ste, _ = grads(layer, x)
+    ste, _ = grads(with_ste(layer), x)
     torch.testing.assert_close(got, ste * b[:, layer.g_idx])
 
 
-def test_ema_smooths_refreshes() -> None:
-    layer, _ = jacobian_layer(QuantSpec(2, 16), ema=0.75, update_every=1)
-    est = layer.estimator
+def test_the_gram_is_the_calibration_inputs_block_diagonal() -> None:
+    layer, est, x = jacobian_layer(QuantSpec(2, 16), update_every=1, calib_batches=3)
     est.before_step(0)
-    first = est.b["layer"].clone()
+    xs = x.reshape(8, 4, 16)
+    torch.testing.assert_close(est.layers["layer"].gram, 3 * torch.einsum("ngi,ngj->gij", xs, xs))
+    layer(x)  # training forward passes are not recorded
+    torch.testing.assert_close(est.layers["layer"].gram, 3 * torch.einsum("ngi,ngj->gij", xs, xs))
+
+
+def test_ema_smooths_refreshes() -> None:
+    layer, est, _ = jacobian_layer(QuantSpec(2, 16), ema=0.75, update_every=1)
+    est.before_step(0)
+    first = est.layers["layer"].b.clone()
     with torch.no_grad():
         layer.weight.add_(0.3 * torch.randn_like(layer.weight))
-    fresh = est.estimate("layer", layer, 1)
+    fresh = est.estimate("layer", 1)
     est.before_step(1)
-    torch.testing.assert_close(est.b["layer"], 0.75 * first + 0.25 * fresh)
+    torch.testing.assert_close(est.layers["layer"].b, 0.75 * first + 0.25 * fresh)
 
 
 def test_state_round_trip() -> None:
-    layer, _ = jacobian_layer(QuantSpec(2, 16), update_every=1)
-    layer.estimator.before_step(0)
-    state = layer.estimator.state_dict()
-    other = Jacobian(update_every=1)
-    other.setup({"layer": layer}, lambda: None)
+    layer, est, _ = jacobian_layer(QuantSpec(2, 16), update_every=1)
+    est.before_step(0)
+    state = est.state_dict()
+    other = Jacobian(JacobianConfig(update_every=1), seed=0)
+    other.for_layer("layer", layer.grid)
     other.load_state_dict(state)
-    assert torch.equal(other.b["layer"], layer.estimator.b["layer"]) and other.refreshes == 1
-    assert torch.equal(other.grams["layer"], layer.estimator.grams["layer"])
+    assert torch.equal(other.layers["layer"].b, est.layers["layer"].b) and other.refreshes == 1
+    assert torch.equal(other.layers["layer"].gram, est.layers["layer"].gram)
+    est.before_step(1)
+    other.before_step(1)  # no second calibration pass: it has none to run
+    assert torch.equal(other.layers["layer"].b, est.layers["layer"].b)
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("knobs", "message"),
     [
         ({"blend": 1.5}, "blend must be in"),
         ({"clip_min": 2.0, "clip_max": 1.0}, "clip_min <= clip_max"),
@@ -141,9 +156,9 @@ def test_state_round_trip() -> None:
         ({"dither_width": 0.0}, "dither_width must be positive"),
     ],
 )
-def test_invalid_settings_are_refused(options: dict, message: str) -> None:
+def test_invalid_settings_are_refused(knobs: dict, message: str) -> None:
     with pytest.raises(QatcliError, match=message):
-        make_estimator("jacobian", **options)
+        Jacobian(JacobianConfig(**knobs), seed=0)
 
 
 def test_prepare_qat_names_the_layers() -> None:
@@ -153,11 +168,12 @@ def test_prepare_qat_names_the_layers() -> None:
         n: make_layer_quant(spec, *group_qparams(model.get_submodule(n).weight.detach(), spec), default_g_idx(32, 16))
         for n in ("0", "2")
     }
-    est = make_estimator("jacobian", update_every=1)
+    est = Jacobian(JacobianConfig(update_every=1), seed=0)
     fakes = prepare_qat(model, layers, est)
     x = torch.randn(16, 32)
-    est.setup(fakes, lambda: model(x))
+    est.setup(lambda batches: model(x))
     est.before_step(0)
-    assert set(est.b) == {"0", "2"} and est.grams["0"].shape == (2, 16, 16)
+    assert set(est.layers) == {"0", "2"} and est.layers["0"].gram.shape == (2, 16, 16)
+    assert fakes["0"].estimator is est.layers["0"]
     model(x).sum().backward()
     assert model[0].weight.grad is not None

@@ -2,20 +2,68 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+import torch.nn.functional as F
+from conftest import run_cli, tiny_llama_config
 from safetensors.torch import load_file
 from test_cli import assert_one_line_error
+from transformers import LlamaForCausalLM
 
 from qatcli.formats.checkpoint import load_checkpoint
 from qatcli.formats.export import export_gptq
 from qatcli.formats.packed_model import load_gptq_model
+from qatcli.qat import losses
+from qatcli.qat.trainer import lr_factor
 
 CPU = torch.device("cpu")
+
+
+def straightforward_kd(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    t = F.log_softmax(teacher.float(), dim=-1)
+    s = F.log_softmax(student.float(), dim=-1)
+    return F.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean")
+
+
+def straightforward_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("loss", ["kd", "ce"])
+def test_chunked_losses_equal_the_straightforward_formulas(loss: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 512 * 7)  # chunks of 7 tokens, the last one shorter
+    torch.manual_seed(0)
+    student = LlamaForCausalLM(tiny_llama_config())
+    teacher = LlamaForCausalLM(tiny_llama_config())
+    ids = torch.randint(0, 512, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        teacher_logits = teacher(ids).logits
+
+    def loss_and_grads(chunked: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        student.zero_grad()
+        logits = student(ids).logits
+        if loss == "kd":
+            value = (losses.kd_loss if chunked else straightforward_kd)(logits, teacher_logits)
+        else:
+            value = (losses.ce_loss if chunked else straightforward_ce)(logits, ids)
+        (value / 2).backward()  # an upstream gradient that is not 1, as with gradient accumulation
+        return value.detach(), [p.grad.clone() for p in student.parameters()]
+
+    got, got_grads = loss_and_grads(chunked=True)
+    expected, expected_grads = loss_and_grads(chunked=False)
+    torch.testing.assert_close(got, expected)
+    for a, b in zip(got_grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor() -> None:
+    factors = [lr_factor(step, 10, 2, 0.1) for step in range(11)]
+    assert factors[:3] == [0.5, 1.0, 1.0] and factors[-1] == pytest.approx(0.1)
+    assert all(a >= b for a, b in itertools.pairwise(factors[1:]))
 
 
 def qat_args(model: Path, sotu: Path, out: Path, *extra: str) -> list[str]:
@@ -101,7 +149,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(
     second = run_cli(*qat_args(tiny_model_dir, sotu, resumed, *common, "--resume"))
     assert second.returncode == 0, second.stderr
 
-    for name in ("model.safetensors", "quant.safetensors"):
+    for name in ("latent.safetensors", "quant.safetensors"):
         a, b = load_file(str(straight / name)), load_file(str(resumed / name))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -117,7 +165,7 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(
         (["--init", "nowhere"], "--init must be fp, rtn, gptq or a qatcli checkpoint"),
         (["--init", "gptq"], "--init gptq needs calibration data"),
         (["--loss", "mse"], "qat.loss must be one of kd, ce"),
-        (["--steps", "0"], "qat.steps must be positive"),
+        (["--steps", "-1"], "qat.steps must be 0 or more"),
         (["--resume"], "nothing to resume"),
         (["--estimator", "jacobian", "--set", "qat.jacobian.blend=2"], "jacobian: blend must be in"),
         (["--set", "qat.jacobian.nope=1"], "unknown key 'qat.jacobian.nope'"),

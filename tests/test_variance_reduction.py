@@ -28,7 +28,7 @@ def test_correction_formula_and_state() -> None:
 
 def test_zero_gamma_changes_nothing() -> None:
     p = torch.zeros(2, requires_grad=True)
-    vr = GradientCorrection([p], gamma=0.0)
+    vr = GradientCorrection([p], gamma=0.0, beta1=0.9)
     for g in (torch.tensor([1.0, 2.0]), torch.tensor([-3.0, 4.0])):
         p.grad = g.clone()
         vr.apply()

@@ -1,14 +1,9 @@
-"""The qatcli checkpoint directory: latent weights plus the grid of every quantized layer.
+"""The qatcli checkpoint directory: what differs from the base model, plus the grid of every quantized layer.
 
-Layout (documented in docs/checkpoint-format.md):
-  config.json, generation_config.json, model.safetensors[.index.json], tokenizer files
-      a plain Hugging Face model holding the *latent* weights (fp32). For RTN they are the original
-      weights; for GPTQ the dequantized ones; for QAT the trained latent weights.
-  quant.safetensors
-      per quantized layer ``NAME``: NAME.scales (fp16 [out, G]), NAME.zeros (uint8 [out, G]) and
-      NAME.g_idx (int32 [in]).
-  qatcli.json
-      format name and version, method, base model, per-layer spec, resolved recipe, provenance, metrics.
+Version 2 (docs/checkpoint-format.md): qatcli.json names the base model with the sha256 of its weight files;
+latent.safetensors holds the fp32 latent weight of each quantized layer whose latent weight is not the base's
+(RTN's are); quant.safetensors the grid (scales, zeros, g_idx); config.json and the tokenizer files complete
+it. Every other parameter is read from the base model. Version 1 (the whole model in model.safetensors) is read.
 
 The quantized weight of a layer is always grid.fake_quantize(latent, scales, zeros, g_idx): eval,
 QAT and export derive the integer codes with that one function.
@@ -16,28 +11,38 @@ QAT and export derive the integer codes with that one function.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import transformers
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from qatcli import __version__
+from qatcli.data.models import ModelRef, resolve_model
 from qatcli.errors import QatcliError
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, apply_fake_quant
 
 FORMAT = "qatcli-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_FILE = "qatcli.json"
 QUANT_FILE = "quant.safetensors"
+LATENT_FILE = "latent.safetensors"
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")  # the first that matches a base model's files is hashed
+
+# sha256 of files already hashed in this process, keyed by (resolved path, size, mtime): compare and a
+# command that saves then reloads hash each base model once.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
 def provenance(command: str, device: torch.device, seed: int) -> dict[str, Any]:
@@ -53,6 +58,60 @@ def provenance(command: str, device: torch.device, seed: int) -> dict[str, Any]:
     }
 
 
+def _file_sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        with path.open("rb") as f:
+            _DIGESTS[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _DIGESTS[key]
+
+
+def base_weight_files(ref: ModelRef) -> list[Path]:
+    """The files holding the weights of a base model: its *.safetensors, else its *.bin files."""
+    for pattern in WEIGHT_PATTERNS:
+        if ref.kind == "hub":
+            from huggingface_hub import snapshot_download  # a transformers dependency, needed only here
+
+            try:
+                root = Path(snapshot_download(ref.location, allow_patterns=[pattern]))
+            except (OSError, ValueError) as err:
+                raise QatcliError(f"cannot fetch the weights of '{ref.spec}': {str(err).splitlines()[0]}") from err
+        else:
+            root = Path(ref.location)
+        files = sorted(root.glob(pattern))
+        if files:
+            return files
+    raise QatcliError(f"base model '{ref.spec}' has no weight files ({', '.join(WEIGHT_PATTERNS)}) in {ref.location}")
+
+
+def base_weights_sha256(ref: ModelRef) -> dict[str, str]:
+    """The sha256 of each weight file of a base model, by file name."""
+    return {path.name: _file_sha256(path) for path in base_weight_files(ref)}
+
+
+def _base_tensor_files(ref: ModelRef) -> dict[str, Path]:
+    """Tensor name -> safetensors file of a base model; empty for .bin weights."""
+    found: dict[str, Path] = {}
+    for path in base_weight_files(ref):
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as f:
+                found.update(dict.fromkeys(f.keys(), path))
+    return found
+
+
+def _equals_base(files: dict[str, Path], key: str, weight: torch.Tensor) -> bool:
+    if key not in files:
+        return False
+    # One mapping per tensor: the pages it touched leave this process's resident memory when it closes.
+    with safe_open(str(files[key]), framework="pt") as f:
+        original = f.get_tensor(key).to(torch.float32).contiguous()
+        # Bit patterns compared in numpy: torch.equal is some 40 times slower on CPU.
+        return original.shape == weight.shape and np.array_equal(
+            original.numpy().view(np.uint32), weight.numpy().view(np.uint32)
+        )
+
+
 def save_checkpoint(
     directory: Path,
     model: nn.Module,
@@ -60,16 +119,36 @@ def save_checkpoint(
     layers: dict[str, LayerQuant],
     meta: dict[str, Any],
 ) -> None:
-    """Write a complete checkpoint into ``directory`` (the caller makes the directory atomic)."""
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
+    """Write a checkpoint of ``model``, quantized by ``layers``, into ``directory`` (made atomic by the caller).
+
+    ``meta["base_model"]`` ({"spec", "kind", "location"}) names the model that ``model`` was loaded from: only
+    the quantized layers are stored, everything else is read from that model when the checkpoint is loaded.
+    """
+    base = dict(meta["base_model"])
+    if base["kind"] == "local":
+        base["location"] = str(Path(base["location"]).resolve())  # a checkpoint is loaded from any directory
+    ref = ModelRef(base["spec"], base["location"], base["kind"])
+    base["sha256"] = base_weights_sha256(ref)
+
+    modules = dict(model.named_modules())
+    files = _base_tensor_files(ref)
+    latent = {}
+    for name in layers:
+        weight = modules[name].weight.detach().to("cpu", torch.float32).contiguous()
+        if not _equals_base(files, f"{name}.weight", weight):
+            latent[f"{name}.weight"] = weight
+    save_file(latent, str(directory / LATENT_FILE), metadata={"format": FORMAT})
     tensors = {}
     for name, lq in layers.items():
         tensors[f"{name}.scales"] = lq.scales.contiguous()
         tensors[f"{name}.zeros"] = lq.zeros.contiguous()
         tensors[f"{name}.g_idx"] = lq.g_idx.contiguous()
     save_file(tensors, str(directory / QUANT_FILE), metadata={"format": FORMAT})
-    modules = dict(model.named_modules())
+
+    model.config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     layer_meta = {
         name: {
             "bits": lq.spec.bits,
@@ -78,10 +157,11 @@ def save_checkpoint(
             "act_order": lq.act_order,
             "in_features": modules[name].in_features,
             "out_features": modules[name].out_features,
+            "latent": "stored" if f"{name}.weight" in latent else "base",
         }
         for name, lq in layers.items()
     }
-    full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "layers": layer_meta}
+    full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "base_model": base, "layers": layer_meta}
     (directory / META_FILE).write_text(json.dumps(full, indent=2) + "\n")
 
 
@@ -96,12 +176,43 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise QatcliError(f"checkpoint '{path}': {META_FILE} is not valid JSON") from err
     if meta.get("format") != FORMAT:
         raise QatcliError(f"checkpoint '{path}': {META_FILE} does not describe a {FORMAT}")
-    if meta.get("format_version") != FORMAT_VERSION:
+    if meta.get("format_version") not in READABLE_VERSIONS:
         raise QatcliError(
             f"checkpoint '{path}' has format version {meta.get('format_version')}; "
-            f"this qatcli reads version {FORMAT_VERSION}"
+            f"this qatcli reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
     return meta
+
+
+def base_model_ref(path: Path, meta: dict[str, Any]) -> ModelRef:
+    """The base model of a checkpoint, found from here: a local directory where it was, an alias or hub id anew."""
+    base = meta["base_model"]
+    try:
+        if base["kind"] == "alias":
+            return resolve_model(base["spec"])
+        if base["kind"] == "local" and not Path(base["location"]).is_dir():
+            raise QatcliError(f"no directory {base['location']}")
+        return ModelRef(base["spec"], base["location"], base["kind"])
+    except QatcliError as err:
+        raise QatcliError(f"checkpoint '{path}': its base model '{base['spec']}' is missing: {err}") from err
+
+
+def _check_base(path: Path, meta: dict[str, Any], ref: ModelRef) -> None:
+    recorded = meta["base_model"].get("sha256")
+    if not recorded:
+        raise QatcliError(f"checkpoint '{path}': {META_FILE} records no sha256 of its base model's weights")
+    try:
+        found = base_weights_sha256(ref)
+    except QatcliError as err:
+        raise QatcliError(f"checkpoint '{path}': its base model '{ref.spec}' is missing: {err}") from err
+    if found != recorded:
+        differ = sorted(
+            set(found) ^ set(recorded) | {f for f in found.keys() & recorded.keys() if found[f] != recorded[f]}
+        )
+        raise QatcliError(
+            f"checkpoint '{path}': its base model '{ref.spec}' ({ref.location}) changed since the checkpoint was "
+            f"made ({', '.join(differ)} not as recorded); restore that model or quantize again"
+        )
 
 
 def _read_layers(path: Path, meta: dict[str, Any], modules: dict[str, nn.Module]) -> dict[str, LayerQuant]:
@@ -143,17 +254,58 @@ def _read_layers(path: Path, meta: dict[str, Any], modules: dict[str, nn.Module]
     return layers
 
 
+@torch.no_grad()
+def _overlay_latent(path: Path, meta: dict[str, Any], modules: dict[str, nn.Module]) -> None:
+    """Copy the stored latent weights into the base model, one layer at a time."""
+    stored = [name for name, info in meta["layers"].items() if info.get("latent") != "base"]
+    try:
+        with safe_open(str(Path(path) / LATENT_FILE), framework="pt") as f:
+            missing = sorted({f"{name}.weight" for name in stored} - set(f.keys()))
+            if missing:
+                raise QatcliError(f"checkpoint '{path}': {LATENT_FILE} lacks {len(missing)} layers, e.g. {missing[0]}")
+            for name in stored:
+                tensor, weight = f.get_tensor(f"{name}.weight"), modules[name].weight
+                if tensor.dtype != torch.float32 or tensor.shape != weight.shape:
+                    raise QatcliError(
+                        f"checkpoint '{path}', layer {name}: latent weight is {tensor.dtype} {tuple(tensor.shape)}, "
+                        f"expected torch.float32 {tuple(weight.shape)}"
+                    )
+                weight.copy_(tensor)
+    except (FileNotFoundError, SafetensorError) as err:
+        raise QatcliError(f"checkpoint '{path}': cannot read {LATENT_FILE} ({err})") from err
+
+
+def _load_model(path: Path, meta: dict[str, Any]) -> nn.Module:
+    """The float32 model on the CPU: version 2 from its base model, version 1 from the checkpoint itself."""
+    source, config = str(path), None
+    if meta["format_version"] != 1:
+        ref = base_model_ref(path, meta)
+        _check_base(path, meta, ref)
+        source = ref.location
+    try:
+        if meta["format_version"] != 1:
+            config = AutoConfig.from_pretrained(path)  # the architecture the checkpoint was made with
+        model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32)
+    except (OSError, ValueError) as err:
+        raise QatcliError(f"checkpoint '{path}': cannot load its model ({str(err).splitlines()[0]})") from err
+    model.config.name_or_path = str(path)  # the model is the checkpoint's, as an export's config.json records
+    return model
+
+
 def load_checkpoint(
     path: Path, device: torch.device, fake_quant: bool = True
 ) -> tuple[nn.Module, PreTrainedTokenizerBase, dict[str, Any], dict[str, LayerQuant]]:
     """Load a checkpoint; with ``fake_quant`` the Linear weights are replaced by their quantized values."""
     meta = read_meta(path)
+    model = _load_model(path, meta)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise QatcliError(f"checkpoint '{path}': cannot load its model ({str(err).splitlines()[0]})") from err
-    layers = _read_layers(path, meta, dict(model.named_modules()))
+        raise QatcliError(f"checkpoint '{path}': cannot load its tokenizer ({str(err).splitlines()[0]})") from err
+    modules = dict(model.named_modules())
+    layers = _read_layers(path, meta, modules)
+    if meta["format_version"] != 1:
+        _overlay_latent(path, meta, modules)
     if fake_quant:
         apply_fake_quant(model, layers)
     return model.to(device).eval(), tokenizer, meta, layers

@@ -134,7 +134,8 @@ def export_gptq(
     report.files = write_shards(tensors, directory, max_shard_bytes)
     qcfg = quantization_config(spec, report.fmt, meta.get("quantization", {}))
     qcfg["meta"]["qatcli_method"] = meta["method"]
-    qcfg["meta"]["qatcli_base_model"] = meta["base_model"]["spec"]  # what `generated:` data is sampled from
+    base = meta["base_model"]  # what `generated:` data is sampled from: an alias by name, a directory by its path
+    qcfg["meta"]["qatcli_base_model"] = base["spec"] if base["kind"] != "local" else base["location"]
     if report.dense:
         # GPTQModel and vLLM skip modules matched by a "-:" pattern in `dynamic`; optimum (the transformers
         # path) instead converts only the modules named in `modules_in_block_to_quantize`.

@@ -16,7 +16,7 @@ from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_mod
 from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.tokens import TokenSource
 from qatcli.errors import QatcliError
-from qatcli.formats.checkpoint import is_checkpoint, load_checkpoint
+from qatcli.formats.checkpoint import base_model_ref, is_checkpoint, load_checkpoint
 from qatcli.formats.packed_model import PackedLinear, load_gptq_model, packed_layer_bytes, read_gptq_config
 from qatcli.pipeline.inputs import Problems
 from qatcli.quant.layer import quantized_bytes
@@ -59,7 +59,7 @@ def load_for_eval(spec: str, device: torch.device) -> Loaded:
             "weight_bytes": quantized_bytes(layers),
             "base_model": meta["base_model"]["spec"],
         }
-        return Loaded(model, tokenizer, info, _base_of(info["base_model"]))
+        return Loaded(model, tokenizer, info, base_model_ref(path, meta))
     if path.is_dir() and read_gptq_config(path) is not None:
         model, tokenizer, qcfg = load_gptq_model(path, device)
         packed = [m for m in model.modules() if isinstance(m, PackedLinear)]

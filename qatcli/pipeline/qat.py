@@ -14,19 +14,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from qatcli.data.models import load_model, resolve_model
-from qatcli.data.sources import TrainBatches
+from qatcli.data.sources import calibration_windows
 from qatcli.data.tokens import TokenSource
 from qatcli.errors import QatcliError
-from qatcli.formats.checkpoint import is_checkpoint, load_checkpoint, provenance, read_meta, save_checkpoint
+from qatcli.formats.checkpoint import (
+    base_model_ref,
+    is_checkpoint,
+    load_checkpoint,
+    provenance,
+    read_meta,
+    save_checkpoint,
+)
 from qatcli.outputs import atomic_dir, write_json_atomic
 from qatcli.pipeline.inputs import Problems
 from qatcli.pipeline.ptq import Base, Made, base_meta, evaluate_layers, gptq_layers, load_base
-from qatcli.qat.estimators import Estimator, make_estimator
+from qatcli.qat.block import BLOCK_STATE_FILE, train_blocks
+from qatcli.qat.estimators import make_estimator
 from qatcli.qat.fake_quant import convert_qat, prepare_qat
-from qatcli.qat.trainer import METRICS_FILE, STATE_FILE, Trainer, TrainSettings
+from qatcli.qat.trainer import METRICS_FILE, STATE_FILE, Trainer
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import apply_fake_quant, quantized_bytes
 from qatcli.quant.rtn import quantize_rtn
@@ -44,16 +51,8 @@ def run_dir(output: Path) -> Path:
 
 
 def can_resume(output: Path) -> bool:
-    return (run_dir(output) / STATE_FILE).is_file()
-
-
-def make_estimator_from(recipe: Recipe) -> Estimator:
-    options: dict[str, object] = {}
-    if recipe.qat.estimator == "fourier":
-        options = {"amplitudes": recipe.qat.amplitudes}
-    elif recipe.qat.estimator == "jacobian":
-        options = {**dataclasses.asdict(recipe.qat.jacobian), "seed": recipe.seed}
-    return make_estimator(recipe.qat.estimator, **options)
+    """Whether ``output`` has an unfinished run saved: end-to-end steps, or blocks of the block stage."""
+    return any((run_dir(output) / name).is_file() for name in (STATE_FILE, BLOCK_STATE_FILE))
 
 
 def check_init(init: str, what: str) -> None:
@@ -71,7 +70,7 @@ def check_qat(recipe: Recipe, force: bool, resume: bool) -> None:
     else:
         out = Path(recipe.output)
         if resume and not can_resume(out):
-            problems.add(f"nothing to resume: no {STATE_FILE} in '{run_dir(out)}'")
+            problems.add(f"nothing to resume: no saved state in '{run_dir(out)}'")
         if not resume:
             problems.output(out, force, "")
             if run_dir(out).exists() and not force:
@@ -90,7 +89,7 @@ def check_qat(recipe: Recipe, force: bool, resume: bool) -> None:
     if recipe.eval.data is not None:
         problems.data(recipe.eval.data, "")
     with problems.check():
-        make_estimator_from(recipe)
+        make_estimator(t, recipe.seed)
     problems.raise_if_any()
 
 
@@ -103,7 +102,7 @@ def _initial_model(recipe: Recipe, device: torch.device) -> tuple[Base, dict, To
         spec = QuantSpec(q.bits, got.group_size if q.group_size == "auto" else int(q.group_size), q.sym)
         if got != spec:
             raise QatcliError(f"init checkpoint '{init}' has {got}, the recipe asks for {spec}")
-        ref = resolve_model(meta["base_model"]["spec"])
+        ref = base_model_ref(Path(init), meta)
         targets = {name: model.get_submodule(name) for name in layers}
         base = Base(ref, model, tokenizer, targets, spec)
         return base, layers, TokenSource(tokenizer, ref, recipe.seed, device)
@@ -116,13 +115,6 @@ def _initial_model(recipe: Recipe, device: torch.device) -> tuple[Base, dict, To
         if init == "rtn":
             apply_fake_quant(base.model, layers)  # latent weights start on their grid points
     return base, layers, source
-
-
-def _calibration(model: nn.Module, tokens: torch.Tensor, recipe: Recipe, device: torch.device) -> None:
-    """Forward passes over training windows (drawn apart from the training order) for estimators that calibrate."""
-    batches = TrainBatches(tokens, recipe.qat.seqlen, recipe.qat.batch_size, recipe.seed + 1)
-    for _ in range(recipe.qat.jacobian.calib_batches):
-        model(batches.next_batch().to(device), use_cache=False)
 
 
 def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -> Made | None:
@@ -140,9 +132,7 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
     base, layers, source = _initial_model(recipe, device)
     model = base.model
     teacher = load_model(base.ref, device) if t.loss == "kd" else None
-    assert t.data is not None
     tokens = source.tokens(t.data, "train")
-    batches = TrainBatches(tokens, t.seqlen, t.batch_size, recipe.seed)
     workdir.mkdir(parents=True, exist_ok=True)
     before = None
     if recipe.eval.data is not None:
@@ -153,34 +143,51 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
             write_json_atomic(workdir / BEFORE_FILE, before)
     setup_seconds = time.perf_counter() - t0
 
-    estimator = make_estimator_from(recipe)
-    fakes = prepare_qat(model, layers, estimator)
-    estimator.setup(fakes, lambda: _calibration(model, tokens, recipe, device))
-    settings = TrainSettings(**{f.name: getattr(t, f.name) for f in dataclasses.fields(TrainSettings)})
-    trainer = Trainer(model, fakes, estimator, teacher, batches, settings, device, workdir)
-    if resume:
-        trainer.load_state()
-        stderr_console.print(f"resuming at step {trainer.step} of {t.steps}")
     t0 = time.perf_counter()
-    try:
-        trainer.train(stop_after)
-    except KeyboardInterrupt:
-        trainer.save_state()
-        raise QatcliError(f"interrupted at step {trainer.step}; continue with --resume") from None
-    train_seconds = time.perf_counter() - t0
-    if trainer.step < t.steps:
-        stderr_console.print(f"stopped after step {trainer.step} of {t.steps}; continue with --resume")
-        return None
+    block_epochs = t.block.epochs_for(base.spec.bits)
+    block_report = None
+    e2e_saved = (workdir / STATE_FILE).is_file()
+    if block_epochs > 0 and not e2e_saved:  # a saved end-to-end state already holds the block stage's result
+        b = t.block
+        windows = calibration_windows(tokens, b.nsamples, b.seqlen, recipe.seed)
+        try:
+            layers, block_report = train_blocks(model, layers, windows, t, block_epochs, recipe.seed, device, workdir)
+        except KeyboardInterrupt:
+            raise QatcliError(
+                "interrupted in the block stage (finished blocks are kept); continue with --resume"
+            ) from None
+    block_seconds = time.perf_counter() - t0
 
-    layers = convert_qat(model, fakes)
+    t0 = time.perf_counter()
+    records: list[dict[str, Any]] = []
+    if t.steps > 0:
+        estimator = make_estimator(t, recipe.seed)
+        fakes = prepare_qat(model, layers, estimator)
+        trainer = Trainer(model, fakes, estimator, teacher, tokens, t, recipe.seed, device, workdir)
+        if e2e_saved:
+            trainer.load_state()
+            stderr_console.print(f"resuming at step {trainer.step} of {t.steps}")
+        try:
+            trainer.train(stop_after)
+        except KeyboardInterrupt:
+            trainer.save_state()
+            raise QatcliError(f"interrupted at step {trainer.step}; continue with --resume") from None
+        if trainer.step < t.steps:
+            stderr_console.print(f"stopped after step {trainer.step} of {t.steps}; continue with --resume")
+            return None
+        layers = convert_qat(model, fakes)
+        records = [json.loads(line) for line in (workdir / METRICS_FILE).read_text().splitlines()]
+    train_seconds = time.perf_counter() - t0
     del teacher
-    records = [json.loads(line) for line in (workdir / METRICS_FILE).read_text().splitlines()]
     metrics: dict[str, Any] = {
         "setup_seconds": round(setup_seconds, 3),
+        "block_seconds_this_invocation": round(block_seconds, 3),
         "train_seconds_this_invocation": round(train_seconds, 3),
-        "steps": trainer.step,
-        "final_loss": records[-1]["loss"],
-        "mean_step_seconds": sum(r["step_seconds"] for r in records) / len(records),
+        "block_epochs": block_epochs,
+        "block_loss": None if block_report is None else {"start": block_report.start, "end": block_report.end},
+        "steps": t.steps,
+        "final_loss": records[-1]["loss"] if records else None,
+        "mean_step_seconds": sum(r["step_seconds"] for r in records) / len(records) if records else None,
         "quantized_layers": len(layers),
         "quantized_bytes": quantized_bytes(layers),
     }
@@ -197,7 +204,9 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
             "desc_act": any(lq.act_order for lq in layers.values()),
         },
         "qat": {
-            "estimator": estimator.describe(),
+            "estimator": make_estimator(t, recipe.seed).describe(),
+            "block": {"epochs": block_epochs, **dataclasses.asdict(t.block)} if block_epochs else None,
+            "train": t.train,
             "init": t.init,
             "loss": t.loss,
             "steps": t.steps,
@@ -209,6 +218,7 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
     }
     with atomic_dir(out, force or resume) as tmp:
         save_checkpoint(tmp, model, base.tokenizer, layers, meta)
-        shutil.copy(workdir / METRICS_FILE, tmp / METRICS_FILE)
+        if records:
+            shutil.copy(workdir / METRICS_FILE, tmp / METRICS_FILE)
     shutil.rmtree(workdir)
     return Made(out, meta)

@@ -2,7 +2,7 @@
 
 The forward pass is exactly the grid that eval and export use: scales are rounded to fp16 (with a
 straight-through gradient for that rounding), q = round_to_grid(w, s, z), W_q = s (q - z). The backward
-pass of rounding is the estimator's; the scale gradient is LSQ's, scaled by 1 / sqrt(group numel * Qp).
+pass of rounding is the layer's estimator's; the scale gradient is LSQ's, scaled by 1 / sqrt(group numel * Qp).
 
 prepare_qat swaps the target Linear layers for FakeQuantLinear; convert_qat swaps them back and returns
 the grid of each, so the trained model is saved as an ordinary qatcli checkpoint.
@@ -16,66 +16,99 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatcli.qat.estimators import Estimator
-from qatcli.quant.grid import round_to_grid, to_fp16_grid
+from qatcli.qat.estimators import Estimator, LayerEstimator, LayerGrid
+from qatcli.quant.grid import default_g_idx, round_to_grid, to_fp16_grid
 from qatcli.quant.layer import LayerQuant, make_layer_quant
 
 
+def _grouped(
+    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, g_idx: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w with s and z broadcastable to it: [out, G, gs] views for contiguous groups (g_idx None), else per column."""
+    if g_idx is None:
+        return w.reshape(s.shape[0], s.shape[1], -1), s.unsqueeze(-1), z.unsqueeze(-1)
+    return w, s.index_select(1, g_idx), z.index_select(1, g_idx)
+
+
 class _FakeQuantize(torch.autograd.Function):
+    """W_q = s (round_to_grid(w, s, z) - z); backward: the estimator's factor for w, LSQ for s.
+
+    Only w (the parameter itself) and the [out, G] parameters are saved: v = w / s is recomputed in backward
+    rather than kept, which would cost one more weight-sized tensor per layer for the whole step.
+    """
+
     @staticmethod
     def forward(
         ctx: torch.autograd.function.FunctionCtx,
         w: torch.Tensor,
         s: torch.Tensor,
         z: torch.Tensor,
-        g_idx: torch.Tensor,
+        g_idx: torch.Tensor | None,
         maxq: int,
-        layer: FakeQuantLinear,
+        estimator: LayerEstimator,
         scale_grad_factor: float,
     ) -> torch.Tensor:
-        s_col, z_col = s[:, g_idx], z[:, g_idx]
-        q = round_to_grid(w, s_col, z_col, maxq)
-        ctx.save_for_backward(w, s_col, z_col, g_idx)
-        ctx.maxq, ctx.layer, ctx.factor, ctx.groups = maxq, layer, scale_grad_factor, s.shape[1]
-        return s_col * (q - z_col)
+        w_g, s_g, z_g = _grouped(w, s, z, g_idx)
+        ctx.save_for_backward(w, s, z)
+        ctx.g_idx, ctx.maxq, ctx.estimator, ctx.factor = g_idx, maxq, estimator, scale_grad_factor
+        # in place on round_to_grid's fresh result: each new weight-sized tensor costs page faults on CPU
+        return round_to_grid(w_g, s_g, z_g, maxq).sub_(z_g).mul_(s_g).reshape(w.shape)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        w, s_col, z_col, g_idx = ctx.saved_tensors
-        v = w / s_col
-        r = torch.round(v) + z_col
-        inside = (r >= 0) & (r <= ctx.maxq)
-        grad_w = grad * ctx.layer.estimator.factor(v, ctx.layer) * inside
-        level = torch.clamp(r, 0, ctx.maxq) - z_col
-        grad_s_elem = grad * torch.where(inside, torch.round(v) - v, level)
-        grad_s = torch.zeros(w.shape[0], ctx.groups, device=w.device, dtype=grad.dtype)
-        grad_s.index_add_(1, g_idx, grad_s_elem)
+        w, s, z = ctx.saved_tensors
+        w_g, s_g, z_g = _grouped(w, s, z, ctx.g_idx)
+        grad = grad.reshape(w_g.shape)
+        v = w_g / s_g
+        rounded = torch.round(v)
+        r = rounded + z_g
+        clamped = torch.clamp(r, 0, ctx.maxq)
+        inside = clamped == r
+        factor = ctx.estimator.grad_factor(v)
+        grad_w = grad * inside if isinstance(factor, float) and factor == 1.0 else (grad * factor).mul_(inside)
+        grad_w = grad_w.reshape(w.shape)
+        # d W_q / d s: round(v) - v inside the range, the clamp level (q - z) outside
+        grad_s_elem = torch.where(inside, rounded.sub_(v), clamped.sub_(z_g)).mul_(grad)
+        if ctx.g_idx is None:
+            grad_s = grad_s_elem.sum(-1)
+        else:
+            grad_s = torch.zeros(s.shape, device=w.device, dtype=grad.dtype)
+            grad_s.index_add_(1, ctx.g_idx, grad_s_elem)
         return grad_w, grad_s * ctx.factor, None, None, None, None, None
 
 
 class FakeQuantLinear(nn.Module):
-    def __init__(self, linear: nn.Linear, lq: LayerQuant, estimator: Estimator, name: str = "") -> None:
+    """A Linear computing with its fake-quantized weight. Build it on its device: its estimator holds its tensors."""
+
+    def __init__(self, linear: nn.Linear, lq: LayerQuant, estimator: Estimator, name: str) -> None:
         super().__init__()
-        self.name = name  # the layer's name in the model: estimators with per-layer state key on it
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
         device = linear.weight.device
         self.spec = lq.spec
         self.act_order = lq.act_order
-        self.estimator = estimator
         self.scales = nn.Parameter(lq.scales.float().to(device))
         self.register_buffer("zeros", lq.zeros.float().to(device))
         self.register_buffer("g_idx", lq.g_idx.long().to(device))
-        group_numel = self.in_features // self.scales.shape[1]
+        groups = self.scales.shape[1]
+        group_numel = self.in_features // groups
+        # contiguous groups take the reshaped path: no per-column gather of scales and zeros
+        self.contiguous = torch.equal(self.g_idx, default_g_idx(self.in_features, group_numel, device).long())
         positive_levels = self.spec.maxq - (self.spec.maxq + 1) // 2 if self.spec.sym else self.spec.maxq
         self.scale_grad_factor = 1 / math.sqrt(group_numel * max(positive_levels, 1))
+        self.grid = LayerGrid(self.weight, self.scales, self.zeros, self.g_idx, self.spec.maxq)
+        self.estimator = estimator.for_layer(name, self.grid)
 
     def quantized_weight(self) -> torch.Tensor:
         s = self.scales + (to_fp16_grid(self.scales) - self.scales).detach()
-        return _FakeQuantize.apply(self.weight, s, self.zeros, self.g_idx, self.spec.maxq, self, self.scale_grad_factor)
+        g_idx = None if self.contiguous else self.g_idx
+        return _FakeQuantize.apply(
+            self.weight, s, self.zeros, g_idx, self.spec.maxq, self.estimator, self.scale_grad_factor
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.estimator.observe(x)
         return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def layer_quant(self) -> LayerQuant:
@@ -88,7 +121,8 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def prepare_qat(model: nn.Module, layers: dict[str, LayerQuant], estimator: Estimator) -> dict[str, FakeQuantLinear]:
-    """Replace each layer in ``layers`` by a FakeQuantLinear sharing its weight; return them by name."""
+    """Replace each layer in ``layers`` by a FakeQuantLinear sharing its weight (with its own per-layer estimator
+    from ``estimator``); return them by name."""
     fakes = {}
     for name, lq in layers.items():
         fakes[name] = FakeQuantLinear(model.get_submodule(name), lq, estimator, name)

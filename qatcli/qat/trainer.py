@@ -1,8 +1,8 @@
 """The QAT training loop: AdamW on latent weights and scales, warmup + cosine, clipping, accumulation.
 
 Only the quantized layers train (their latent weights and scales); embeddings, norms and lm_head stay as
-in the base model. The run's state (trainable tensors, optimizer, schedule, RNG, data position) is saved
-atomically every ``save_every`` steps, so an interrupted run resumes exactly where it stopped.
+in the base model. The run's state (trainable tensors, optimizer, schedule, estimator, RNG, data position) is
+saved atomically every ``save_every`` steps, so an interrupted run resumes exactly where it stopped.
 """
 
 from __future__ import annotations
@@ -13,94 +13,85 @@ import os
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qatcli.data.sources import TrainBatches
 from qatcli.qat.estimators import Estimator
 from qatcli.qat.fake_quant import FakeQuantLinear
+from qatcli.qat.losses import ce_loss, kd_loss
 from qatcli.qat.variance_reduction import GradientCorrection
+from qatcli.recipe import QATConfig
 from qatcli.report.progress import progress_bar
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    """The training options; each field has the name of its key in the recipe's qat section."""
-
-    steps: int
-    lr: float
-    scale_lr: float
-    weight_decay: float
-    warmup_steps: int
-    min_lr_ratio: float
-    clip_grad: float
-    grad_accum: int
-    loss: str  # "ce" | "kd"
-    save_every: int
-    variance_reduction: bool = False
-    vr_gamma: float = 0.025
-
-
-def lr_factor(step: int, s: TrainSettings) -> float:
+def lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at the last step."""
-    if step < s.warmup_steps:
-        return (step + 1) / s.warmup_steps
-    span = max(s.steps - s.warmup_steps, 1)
-    progress = min((step - s.warmup_steps) / span, 1.0)
-    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """KL(teacher || student) per token, averaged: distillation from the full-precision model."""
-    t = F.log_softmax(teacher_logits.float(), dim=-1)
-    s = F.log_softmax(student_logits.float(), dim=-1)
-    return F.kl_div(s.flatten(0, 1), t.flatten(0, 1), log_target=True, reduction="batchmean")
-
-
-def ce_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    span = max(steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / span, 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class Trainer:
+    """Trains the fake-quantized layers of ``model`` as the recipe's qat section says.
+
+    Batches of ``qat.batch_size`` windows of ``qat.seqlen`` tokens come from ``tokens`` in a seeded order;
+    estimators that calibrate get windows of the same tokens in another seeded order. ``teacher`` (the
+    full-precision model) is needed by the kd loss only.
+    """
+
     def __init__(
         self,
         model: nn.Module,
         fakes: dict[str, FakeQuantLinear],
         estimator: Estimator,
         teacher: nn.Module | None,
-        batches: TrainBatches,
-        settings: TrainSettings,
+        tokens: torch.Tensor,
+        qat: QATConfig,
+        seed: int,
         device: torch.device,
         workdir: Path,
     ) -> None:
+        if qat.loss == "kd" and teacher is None:
+            raise ValueError("the kd loss needs the full-precision teacher model")
         self.model, self.fakes, self.estimator, self.teacher = model, fakes, estimator, teacher
-        self.batches, self.s, self.device, self.workdir = batches, settings, device, workdir
+        self.tokens, self.qat, self.seed, self.device, self.workdir = tokens, qat, seed, device, workdir
+        self.batches = TrainBatches(tokens, qat.seqlen, qat.batch_size, seed)
         for p in model.parameters():
             p.requires_grad_(False)
-        weights = [f.weight for f in fakes.values()]
+        # qat.train = scales: the latent weights stay as the block stage (or the init) left them (E2E-QP)
+        weights = [] if qat.train == "scales" else [f.weight for f in fakes.values()]
         scales = [f.scales for f in fakes.values()]
         for p in weights + scales:
             p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(
             [
-                {"params": weights, "lr": settings.lr, "weight_decay": settings.weight_decay},
-                {"params": scales, "lr": settings.scale_lr, "weight_decay": 0.0},
+                {"params": weights, "lr": qat.lr, "weight_decay": qat.weight_decay},
+                {"params": scales, "lr": qat.scale_lr, "weight_decay": 0.0},
             ]
         )
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, settings))
-        beta1 = self.optimizer.defaults["betas"][0]
-        self.correction = (
-            GradientCorrection(weights + scales, settings.vr_gamma, beta1) if settings.variance_reduction else None
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(step, qat.steps, qat.warmup_steps, qat.min_lr_ratio)
         )
+        beta1 = self.optimizer.defaults["betas"][0]
+        self.correction = GradientCorrection(weights + scales, qat.vr_gamma, beta1) if qat.variance_reduction else None
+        estimator.setup(self.calibrate)
         self.step = 0
+
+    def calibrate(self, batches: int) -> None:
+        """Forward passes over training windows drawn apart from the training order (for estimators that calibrate)."""
+        windows = TrainBatches(self.tokens, self.qat.seqlen, self.qat.batch_size, self.seed + 1)
+        with torch.no_grad():
+            for _ in range(batches):
+                self.model(windows.next_batch().to(self.device), use_cache=False)
 
     def _trainable(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -145,55 +136,60 @@ class Trainer:
     def _loss(self, ids: torch.Tensor) -> torch.Tensor:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with autocast:
-            logits = self.model(ids, use_cache=False).logits
-            if self.s.loss == "ce":
-                return ce_loss(logits, ids)
+            if self.qat.loss == "ce":
+                return ce_loss(self.model(ids, use_cache=False).logits, ids)
+            assert self.teacher is not None
+            # the teacher first: its activations are gone before the student's are kept for backward
             with torch.no_grad():
                 teacher_logits = self.teacher(ids, use_cache=False).logits
-            return kd_loss(logits, teacher_logits)
+            return kd_loss(self.model(ids, use_cache=False).logits, teacher_logits)
+
+    def _step(self) -> tuple[float, float, int]:
+        """One optimizer step: its loss, gradient norm and number of tokens."""
+        total, tokens = 0.0, 0
+        self.estimator.before_step(self.step)
+        for _ in range(self.qat.grad_accum):
+            ids = self.batches.next_batch().to(self.device)
+            loss = self._loss(ids) / self.qat.grad_accum
+            loss.backward()
+            total += float(loss.detach())
+            tokens += ids.numel()
+        if self.correction is not None:
+            self.correction.apply()
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.qat.clip_grad))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.step += 1
+        return total, grad_norm, tokens
 
     def train(self, stop_after: int | None = None, on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
-        """Train until ``steps`` (or ``stop_after`` more steps), saving state as configured."""
+        """Train until ``qat.steps`` (or ``stop_after`` more steps), saving state every ``qat.save_every``."""
+        steps = self.qat.steps
         self.model.train()
-        last = self.s.steps if stop_after is None else min(self.s.steps, self.step + stop_after)
-        metrics_path = self.workdir / METRICS_FILE
-        with progress_bar() as progress, metrics_path.open("a") as log:
-            task = progress.add_task("qat", total=self.s.steps, completed=self.step, unit="step")
+        last = steps if stop_after is None else min(steps, self.step + stop_after)
+        with progress_bar() as progress, (self.workdir / METRICS_FILE).open("a") as log:
+            task = progress.add_task("qat", total=steps, completed=self.step, unit="step")
             t_start, tokens_done = time.perf_counter(), 0
             while self.step < last:
                 t0 = time.perf_counter()
-                total = 0.0
-                self.estimator.before_step(self.step)
-                for _ in range(self.s.grad_accum):
-                    ids = self.batches.next_batch().to(self.device)
-                    loss = self._loss(ids) / self.s.grad_accum
-                    loss.backward()
-                    total += float(loss.detach())
-                    tokens_done += ids.numel()
-                if self.correction is not None:
-                    self.correction.apply()
-                params = [p for group in self.optimizer.param_groups for p in group["params"]]
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.s.clip_grad))
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.scheduler.step()
-                self.step += 1
-                elapsed = time.perf_counter() - t_start
+                loss, grad_norm, tokens = self._step()
+                tokens_done += tokens
                 record = {
                     "step": self.step,
-                    "loss": total,
+                    "loss": loss,
                     "lr": self.scheduler.get_last_lr()[0],
                     "grad_norm": grad_norm,
                     "step_seconds": time.perf_counter() - t0,
-                    "tokens_per_second": tokens_done / elapsed,
+                    "tokens_per_second": tokens_done / (time.perf_counter() - t_start),
                 }
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                progress.update(
-                    task, advance=1, description=f"qat loss {total:.4f} {record['tokens_per_second']:.0f} tok/s"
-                )
+                speed = record["tokens_per_second"]
+                progress.update(task, advance=1, description=f"qat loss {loss:.4f} {speed:.0f} tok/s")
                 if on_step is not None:
                     on_step(record)
-                if self.step % self.s.save_every == 0 or self.step == last:
+                if self.step % self.qat.save_every == 0 or self.step == last:
                     self.save_state()
         self.model.eval()

@@ -14,7 +14,7 @@ import torch
 
 
 class GradientCorrection:
-    def __init__(self, params: list[torch.Tensor], gamma: float, beta1: float = 0.9) -> None:
+    def __init__(self, params: list[torch.Tensor], gamma: float, beta1: float) -> None:
         self.params = params
         self.weight = gamma * beta1 / (1 - beta1)
         self.previous: list[torch.Tensor | None] = [None] * len(params)

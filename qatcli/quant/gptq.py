@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -26,15 +26,6 @@ if TYPE_CHECKING:
     from qatcli.recipe import GPTQOptions
 
 MAX_DAMP = 10.0
-
-
-def __getattr__(name: str) -> Any:
-    # Transitional: callers written before the options moved to qatcli.recipe.GPTQOptions still import GPTQConfig.
-    if name == "GPTQConfig":
-        from qatcli.recipe import GPTQOptions
-
-        return GPTQOptions
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class HessianAccumulator:

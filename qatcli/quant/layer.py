@@ -30,7 +30,9 @@ class LayerQuant:
         return quantize(weight, self.scales, self.zeros, self.g_idx, self.spec.maxq)
 
     def fake_quant(self, weight: torch.Tensor) -> torch.Tensor:
-        return fake_quantize(weight, self.scales, self.zeros, self.g_idx, self.spec.maxq)
+        """The quantized value of ``weight``, computed on its device."""
+        dev = weight.device
+        return fake_quantize(weight, self.scales.to(dev), self.zeros.to(dev), self.g_idx.to(dev), self.spec.maxq)
 
 
 def make_layer_quant(

@@ -80,7 +80,8 @@ class BlockWalk:
         self.keep_fp = keep_fp
         model.to("cpu")
         _move_outside_blocks(model, self.blocks, device)
-        self.inputs: Activations = _block_inputs(model, self.blocks[0], windows, batch_size, device)
+        with torch.no_grad():
+            self.inputs: Activations = _block_inputs(model, self.blocks[0], windows, batch_size, device)
         self.fp_inputs: Activations = list(self.inputs) if keep_fp else []
         self.fp_outputs: list[torch.Tensor] = []
 

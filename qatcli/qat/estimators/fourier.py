@@ -3,38 +3,58 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
 from qatcli.errors import QatcliError
-from qatcli.qat.estimators.base import Estimator, register
+from qatcli.qat.estimators.base import Estimator, LayerEstimator, LayerGrid, register
+from qatcli.recipe import QATConfig
 
 FOURIER_C = math.sqrt(2) * math.pi
 
 
-@register
-class Fourier(Estimator):
+def fourier_factor(v: torch.Tensor, amplitudes: Sequence[float]) -> torch.Tensor:
     """g(v) = (1 - c S(v)) / (1 + c S(v)), S(v) = sum_k A_k cos((2k+1) pi (v + round(v))), c = sqrt(2) pi.
 
     g is 1 at decision boundaries and smallest at grid points; it stays in (0, 1] while the amplitudes are
     non-negative and sum to less than 1/c. A = 0 gives g = 1, i.e. ``ste``.
     """
+    phase = torch.round(v).add_(v).mul_(math.pi)
+    s = torch.zeros_like(v)
+    for k, a in enumerate(amplitudes):  # in place: each temporary is weight-sized
+        s.add_(torch.cos(phase if k == 0 else phase * (2 * k + 1)).mul_(a))
+    s.mul_(FOURIER_C)
+    return (1 - s).div_(s.add_(1))
 
-    name = "fourier"
 
-    def __init__(self, amplitudes: list[float] | tuple[float, ...] = (0.21,)) -> None:
-        amplitudes = [float(a) for a in amplitudes]
-        if not amplitudes or any(a < 0 for a in amplitudes) or sum(amplitudes) >= 1 / FOURIER_C:
-            raise QatcliError(
-                f"fourier amplitudes must be non-negative with a sum below 1/(sqrt(2)*pi) = {1 / FOURIER_C:.4f}, "
-                f"got {amplitudes}"
-            )
+class FourierLayer(LayerEstimator):
+    def __init__(self, amplitudes: tuple[float, ...]) -> None:
         self.amplitudes = amplitudes
 
-    def factor(self, v: torch.Tensor, layer: object) -> torch.Tensor:
-        phase = math.pi * (v + torch.round(v))
-        s = sum(a * torch.cos((2 * k + 1) * phase) for k, a in enumerate(self.amplitudes))
-        return (1 - FOURIER_C * s) / (1 + FOURIER_C * s)
+    def grad_factor(self, v: torch.Tensor) -> torch.Tensor:
+        return fourier_factor(v, self.amplitudes)
+
+
+@register
+class Fourier(Estimator):
+    name = "fourier"
+
+    def __init__(self, amplitudes: Sequence[float]) -> None:
+        values = tuple(float(a) for a in amplitudes)
+        if not values or any(a < 0 for a in values) or sum(values) >= 1 / FOURIER_C:
+            raise QatcliError(
+                f"fourier amplitudes must be non-negative with a sum below 1/(sqrt(2)*pi) = {1 / FOURIER_C:.4f}, "
+                f"got {list(values)}"
+            )
+        self.amplitudes = values
+
+    @classmethod
+    def from_config(cls, qat: QATConfig, seed: int) -> Fourier:
+        return cls(qat.amplitudes)
+
+    def for_layer(self, name: str, grid: LayerGrid) -> LayerEstimator:
+        return FourierLayer(self.amplitudes)
 
     def describe(self) -> dict[str, object]:
-        return {"name": self.name, "amplitudes": self.amplitudes}
+        return {"name": self.name, "amplitudes": list(self.amplitudes)}

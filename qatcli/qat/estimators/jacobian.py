@@ -12,22 +12,23 @@ dL/dw = B[row, group] * dL/dW_q inside the clamp range. B has the shape of the s
 
 The new estimate blend * dither + (1 - blend) * probe is clipped to [clip_min, clip_max] and smoothed across
 refreshes: B = ema * B + (1 - ema) * new. B starts at 1 (ste) and clip_min = clip_max = 1 keeps it there.
+
+Each layer's B and Gram live in its JacobianLayer; the Jacobian estimator owns the refresh schedule, the
+calibration pass and the run's state.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
-from torch import nn
 
 from qatcli.errors import QatcliError
-from qatcli.qat.estimators.base import Estimator, register
+from qatcli.qat.estimators.base import Calibrate, Estimator, LayerEstimator, LayerGrid, register
 from qatcli.quant.grid import fake_quantize_dense, to_fp16_grid
-
-if TYPE_CHECKING:
-    from qatcli.qat.fake_quant import FakeQuantLinear
+from qatcli.recipe import JacobianConfig, QATConfig
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 
@@ -81,136 +82,146 @@ def probe_slope(
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.ones_like(den))
 
 
-def collect_grams(fakes: dict[str, FakeQuantLinear], run_calibration: Callable[[], None]) -> dict[str, torch.Tensor]:
-    """Block-diagonal input Gram of every layer ([G, gs, gs], groups in group_order) over the calibration passes."""
-    grams: dict[str, torch.Tensor] = {}
+def check_config(c: JacobianConfig) -> None:
+    checks = [
+        (c.update_every >= 1, f"update_every must be positive, got {c.update_every}"),
+        (c.dither_width > 0, f"dither_width must be positive, got {c.dither_width}"),
+        (c.probes >= 1, f"probes must be positive, got {c.probes}"),
+        (c.probe_step > 0, f"probe_step must be positive, got {c.probe_step}"),
+        (0 <= c.blend <= 1, f"blend must be in [0, 1], got {c.blend}"),
+        (0 <= c.ema < 1, f"ema must be in [0, 1), got {c.ema}"),
+        (0 <= c.clip_min <= c.clip_max, f"need 0 <= clip_min <= clip_max, got {c.clip_min} and {c.clip_max}"),
+        (c.calib_batches >= 1, f"calib_batches must be positive, got {c.calib_batches}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise QatcliError(f"jacobian: {message}")
 
-    def hook(name: str, fake: FakeQuantLinear) -> Callable[..., None]:
-        order = group_order(fake.g_idx)
-        groups = fake.scales.shape[1]
 
-        def capture(module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
-            x = args[0].detach().reshape(-1, fake.in_features).float()[:, order]
-            x = x.reshape(x.shape[0], groups, -1)
-            gram = torch.einsum("ngi,ngj->gij", x, x)
-            grams[name] = grams[name] + gram if name in grams else gram
+class JacobianLayer(LayerEstimator):
+    """One layer's B ([out, G]) and the block-diagonal Gram of its calibration inputs ([G, gs, gs])."""
 
-        return capture
+    def __init__(self, grid: LayerGrid, start: float) -> None:
+        self.grid = grid
+        self.b = torch.full(grid.scales.shape, start, dtype=torch.float32, device=grid.scales.device)
+        self.order = group_order(grid.g_idx)
+        self.gram: torch.Tensor | None = None
+        self.capturing = False
 
-    handles = [fake.register_forward_pre_hook(hook(name, fake)) for name, fake in fakes.items()]
-    try:
-        with torch.no_grad():
-            run_calibration()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return grams
+    def grad_factor(self, v: torch.Tensor) -> torch.Tensor:
+        return self.b.unsqueeze(-1) if v.dim() == 3 else self.b.index_select(1, self.grid.g_idx)
+
+    def start_capture(self) -> None:
+        groups, columns = self.b.shape[1], self.grid.g_idx.numel()
+        size = columns // groups
+        self.gram = torch.zeros(groups, size, size, device=self.b.device)
+        self.capturing = True
+
+    def observe(self, x: torch.Tensor) -> None:
+        if not self.capturing or self.gram is None:
+            return
+        x = x.detach().reshape(-1, x.shape[-1]).float()[:, self.order]
+        x = x.reshape(x.shape[0], self.gram.shape[0], -1)
+        self.gram += torch.einsum("ngi,ngj->gij", x, x)
+
+    @torch.no_grad()
+    def estimate(self, c: JacobianConfig, dither: bool, probe: bool, probe_seed: int) -> torch.Tensor:
+        """This refresh's clipped blend of Dither and Probe: [out, G]."""
+        g = self.grid
+        w = g.weight.detach().float()
+        s = to_fp16_grid(g.scales.detach()).index_select(1, g.g_idx)
+        z = g.zeros.index_select(1, g.g_idx)
+
+        def quantizer(x: torch.Tensor) -> torch.Tensor:
+            return fake_quantize_dense(x, s, z, g.maxq)
+
+        new = torch.zeros_like(self.b)
+        if dither:
+            new += c.blend * group_mean(dither_slope(quantizer, w, s, c.dither_width), g.g_idx, self.b.shape[1])
+        if probe:
+            if self.gram is None:
+                raise RuntimeError("jacobian: Probe needs the calibration Gram, collected at the first refresh")
+            generator = torch.Generator(device=w.device)
+            generator.manual_seed(probe_seed)
+            slope = probe_slope(quantizer, w, s, self.gram, self.order, c.probe_step, c.probes, generator)
+            new += (1 - c.blend) * slope
+        return new.clamp(c.clip_min, c.clip_max)
 
 
 @register
 class Jacobian(Estimator):
     name = "jacobian"
 
-    def __init__(
-        self,
-        update_every: int = 10,
-        dither_width: float = 0.5,
-        probes: int = 2,
-        probe_step: float = 0.5,
-        blend: float = 0.5,
-        ema: float = 0.5,
-        clip_min: float = 0.05,
-        clip_max: float = 2.0,
-        calib_batches: int = 4,
-        seed: int = 0,
-    ) -> None:
-        checks = [
-            (update_every >= 1, f"update_every must be positive, got {update_every}"),
-            (dither_width > 0, f"dither_width must be positive, got {dither_width}"),
-            (probes >= 1, f"probes must be positive, got {probes}"),
-            (probe_step > 0, f"probe_step must be positive, got {probe_step}"),
-            (0 <= blend <= 1, f"blend must be in [0, 1], got {blend}"),
-            (0 <= ema < 1, f"ema must be in [0, 1), got {ema}"),
-            (0 <= clip_min <= clip_max, f"need 0 <= clip_min <= clip_max, got {clip_min} and {clip_max}"),
-            (calib_batches >= 1, f"calib_batches must be positive, got {calib_batches}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise QatcliError(f"jacobian: {message}")
-        self.update_every, self.dither_width = update_every, dither_width
-        self.probes, self.probe_step = probes, probe_step
-        self.blend, self.ema, self.clip_min, self.clip_max = blend, ema, clip_min, clip_max
-        self.calib_batches, self.seed = calib_batches, seed
-        self.fakes: dict[str, FakeQuantLinear] = {}
-        self.run_calibration: Callable[[], None] = lambda: None
-        self.b: dict[str, torch.Tensor] = {}
-        self.grams: dict[str, torch.Tensor] = {}
+    def __init__(self, config: JacobianConfig, seed: int) -> None:
+        check_config(config)
+        self.config, self.seed = config, seed
+        self.layers: dict[str, JacobianLayer] = {}
+        self.calibrate: Calibrate = lambda batches: None
         self.refreshes = 0
+
+    @classmethod
+    def from_config(cls, qat: QATConfig, seed: int) -> Jacobian:
+        return cls(qat.jacobian, seed)
 
     @property
     def uses_probe(self) -> bool:
-        return self.blend < 1 and self.clip_min < self.clip_max
+        return self.config.blend < 1 and self.config.clip_min < self.config.clip_max
 
     @property
     def uses_dither(self) -> bool:
-        return self.blend > 0 and self.clip_min < self.clip_max
+        return self.config.blend > 0 and self.config.clip_min < self.config.clip_max
 
     def describe(self) -> dict[str, object]:
-        keys = ("update_every", "dither_width", "probes", "probe_step", "blend", "ema", "clip_min", "clip_max")
-        return {"name": self.name, **{k: getattr(self, k) for k in (*keys, "calib_batches")}}
+        return {"name": self.name, **dataclasses.asdict(self.config)}
 
-    def setup(self, fakes: dict[str, FakeQuantLinear], run_calibration: Callable[[], None]) -> None:
-        self.fakes, self.run_calibration = fakes, run_calibration
-        start = min(max(1.0, self.clip_min), self.clip_max)  # ste until the first refresh
-        self.b = {name: torch.full_like(fake.scales, start, dtype=torch.float32) for name, fake in fakes.items()}
-        self.grams = {}
+    def for_layer(self, name: str, grid: LayerGrid) -> JacobianLayer:
+        start = min(max(1.0, self.config.clip_min), self.config.clip_max)  # ste until the first refresh
+        self.layers[name] = JacobianLayer(grid, start)
+        return self.layers[name]
 
-    def factor(self, v: torch.Tensor, layer: FakeQuantLinear) -> torch.Tensor:
-        return self.b[layer.name].index_select(1, layer.g_idx)
+    def setup(self, calibrate: Calibrate) -> None:
+        self.calibrate = calibrate
 
     def before_step(self, step: int) -> None:
-        if step % self.update_every == 0:
+        if step % self.config.update_every == 0:
             self.refresh(step)
 
     @torch.no_grad()
+    def collect_grams(self) -> None:
+        """Pass the calibration windows through the model once, every layer recording its input Gram."""
+        for layer in self.layers.values():
+            layer.start_capture()
+        try:
+            self.calibrate(self.config.calib_batches)
+        finally:
+            for layer in self.layers.values():
+                layer.capturing = False
+
+    def estimate(self, name: str, step: int) -> torch.Tensor:
+        """Layer ``name``'s fresh estimate at ``step``, before smoothing."""
+        probe_seed = self.seed * 1_000_003 + step
+        return self.layers[name].estimate(self.config, self.uses_dither, self.uses_probe, probe_seed)
+
+    @torch.no_grad()
     def refresh(self, step: int) -> None:
-        if self.uses_probe and not self.grams:  # first refresh of a run (a resumed run loads them)
-            self.grams = collect_grams(self.fakes, self.run_calibration)
-        for name, fake in self.fakes.items():
-            new = self.estimate(name, fake, step)
-            self.b[name] = new if self.refreshes == 0 else self.ema * self.b[name] + (1 - self.ema) * new
+        if self.uses_probe and any(layer.gram is None for layer in self.layers.values()):
+            self.collect_grams()  # first refresh of a run (a resumed run loads them)
+        ema = self.config.ema
+        for name, layer in self.layers.items():
+            new = self.estimate(name, step)
+            layer.b = new if self.refreshes == 0 else ema * layer.b + (1 - ema) * new
         self.refreshes += 1
-
-    def estimate(self, name: str, fake: FakeQuantLinear, step: int) -> torch.Tensor:
-        """This refresh's clipped blend of Dither and Probe for one layer: [out, G]."""
-        w = fake.weight.detach().float()
-        s = to_fp16_grid(fake.scales.detach()).index_select(1, fake.g_idx)
-        z = fake.zeros.index_select(1, fake.g_idx)
-
-        def quantizer(x: torch.Tensor) -> torch.Tensor:
-            return fake_quantize_dense(x, s, z, fake.spec.maxq)
-
-        groups = fake.scales.shape[1]
-        new = torch.zeros(w.shape[0], groups, device=w.device)
-        if self.uses_dither:
-            new += self.blend * group_mean(dither_slope(quantizer, w, s, self.dither_width), fake.g_idx, groups)
-        if self.uses_probe:
-            generator = torch.Generator(device=w.device)
-            generator.manual_seed(self.seed * 1_000_003 + step)
-            order = group_order(fake.g_idx)
-            probe = probe_slope(quantizer, w, s, self.grams[name], order, self.probe_step, self.probes, generator)
-            new += (1 - self.blend) * probe
-        return new.clamp(self.clip_min, self.clip_max)
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "b": {k: v.cpu() for k, v in self.b.items()},
-            "grams": {k: v.cpu() for k, v in self.grams.items()},
+            "b": {name: layer.b.cpu() for name, layer in self.layers.items()},
+            "grams": {name: layer.gram.cpu() for name, layer in self.layers.items() if layer.gram is not None},
             "refreshes": self.refreshes,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        device = next(iter(self.fakes.values())).weight.device
-        self.b = {k: v.to(device) for k, v in state["b"].items()}
-        self.grams = {k: v.to(device) for k, v in state["grams"].items()}
+        for name, layer in self.layers.items():
+            layer.b = state["b"][name].to(layer.b.device)
+            gram = state["grams"].get(name)
+            layer.gram = None if gram is None else gram.to(layer.b.device)
         self.refreshes = state["refreshes"]

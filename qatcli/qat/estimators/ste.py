@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from qatcli.qat.estimators.base import Estimator, register
+from qatcli.qat.estimators.base import Estimator, LayerEstimator, LayerGrid, register
+from qatcli.recipe import QATConfig
+
+
+class StraightThrough(LayerEstimator):
+    """The gradient passes unchanged inside the range."""
+
+    def grad_factor(self, v: torch.Tensor) -> float:
+        return 1.0
 
 
 @register
 class STE(Estimator):
-    """The gradient passes unchanged inside the range."""
-
     name = "ste"
 
-    def factor(self, v: torch.Tensor, layer: object) -> float:
-        return 1.0
+    @classmethod
+    def from_config(cls, qat: QATConfig, seed: int) -> STE:
+        return cls()
+
+    def for_layer(self, name: str, grid: LayerGrid) -> LayerEstimator:
+        return StraightThrough()

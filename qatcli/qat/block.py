@@ -1,0 +1,160 @@
+"""Block-wise QAT (after EfficientQAT's Block-AP): each decoder block's quantized layers are trained, in turn,
+to reproduce the full-precision block's outputs on calibration windows.
+
+The windows walk through the model as in GPTQ (quant/walk.py): a block's inputs come through the blocks
+before it, already trained and quantized; its targets are what the full-precision block gives on the
+full-precision stream of activations. Only one block and the activations are on the device at a time.
+
+After each block the trained latent weights and scales are saved in the run directory; a resumed run walks
+the same windows again, takes the saved blocks instead of training them, and trains the rest exactly as an
+uninterrupted run would (each block's order of batches and estimator draw from a seed of its own).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from qatcli.outputs import atomic_file
+from qatcli.qat.estimators import Estimator, make_estimator
+from qatcli.qat.fake_quant import FakeQuantLinear, convert_qat, prepare_qat
+from qatcli.quant.layer import LayerQuant, apply_fake_quant
+from qatcli.quant.walk import BlockWalk, run_block
+from qatcli.recipe import QATConfig
+from qatcli.report.progress import progress_bar
+
+BLOCK_STATE_FILE = "blocks.pt"
+
+
+@dataclass
+class BlockReport:
+    """The loss of each block on its calibration windows before and after its training."""
+
+    start: dict[int, float]
+    end: dict[int, float]
+
+
+def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """``mse`` over every element, or ``token_mse``: each token's squared error over its own squared norm."""
+    if kind == "mse":
+        return torch.nn.functional.mse_loss(out, target)
+    err = (out - target).pow(2).sum(-1)
+    return (err / target.pow(2).sum(-1).clamp_min(1e-6)).mean()
+
+
+@torch.no_grad()
+def _mean_loss(block: nn.Module, walk: BlockWalk, kind: str) -> float:
+    losses = [
+        block_loss(run_block(block, hidden, kwargs), target, kind).item()
+        for (hidden, kwargs), target in zip(walk.inputs, walk.fp_outputs, strict=True)
+    ]
+    return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def _calibrate(block: nn.Module, walk: BlockWalk, batches: int) -> None:
+    """Forward passes of the block's first input batches, for estimators that measure their layers."""
+    for hidden, kwargs in walk.inputs[:batches]:
+        run_block(block, hidden, kwargs)
+
+
+def _cosine(step: int, steps: int) -> float:
+    """Learning-rate factor: cosine from 1 down to 0.1 over the block's steps."""
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
+
+
+def _train_block(
+    block: nn.Module,
+    fakes: dict[str, FakeQuantLinear],
+    estimator: Estimator,
+    qat: QATConfig,
+    epochs: int,
+    seed: int,
+    walk: BlockWalk,
+) -> None:
+    cfg = qat.block
+    for p in block.parameters():
+        p.requires_grad_(False)
+    weights = [f.weight for f in fakes.values()]
+    scales = [f.scales for f in fakes.values()]
+    for p in weights + scales:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(
+        [{"params": weights, "lr": cfg.lr}, {"params": scales, "lr": cfg.scale_lr}], weight_decay=0.0
+    )
+    steps = epochs * len(walk.inputs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine(step, steps))
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    for _ in range(epochs):
+        for i in torch.randperm(len(walk.inputs), generator=gen).tolist():
+            hidden, kwargs = walk.inputs[i]
+            estimator.before_step(step)
+            loss = block_loss(run_block(block, hidden, kwargs), walk.fp_outputs[i], cfg.loss)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+    for p in weights + scales:
+        p.requires_grad_(False)
+
+
+def _load_state(path: Path) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    return torch.load(path, weights_only=True) if path.is_file() else {}
+
+
+def train_blocks(
+    model: nn.Module,
+    layers: dict[str, LayerQuant],
+    windows: torch.Tensor,
+    qat: QATConfig,
+    epochs: int,
+    seed: int,
+    device: torch.device,
+    workdir: Path,
+) -> tuple[dict[str, LayerQuant], BlockReport]:
+    """Train every block's quantized layers; the model's Linear layers end holding the trained latent weights."""
+    state_path = workdir / BLOCK_STATE_FILE
+    done = _load_state(state_path)
+    walk = BlockWalk(model, windows, qat.block.batch_size, device, keep_fp=True)
+    modules = dict(model.named_modules())
+    layers = dict(layers)
+    latent: dict[str, torch.Tensor] = {}
+    report = BlockReport({}, {})
+    with progress_bar() as progress:
+        task = progress.add_task("block qat", total=len(walk.blocks), unit="block")
+        for index, prefix, block in walk:
+            names = [n for n in layers if n.startswith(prefix)]
+            if index in done:
+                with torch.no_grad():
+                    for name in names:
+                        saved = done[index][name]
+                        modules[name].weight.copy_(saved["weight"])
+                        layers[name] = replace(layers[name], scales=saved["scales"])
+            elif names:
+                estimator = make_estimator(qat, seed + index)
+                fakes = prepare_qat(model, {n: layers[n] for n in names}, estimator)
+                report.start[index] = _mean_loss(block, walk, qat.block.loss)
+                estimator.setup(lambda batches, block=block: _calibrate(block, walk, batches))
+                _train_block(block, fakes, estimator, qat, epochs, seed + index, walk)
+                report.end[index] = _mean_loss(block, walk, qat.block.loss)
+                layers.update(convert_qat(model, fakes))
+                done[index] = {
+                    n: {"weight": modules[n].weight.detach().cpu().clone(), "scales": layers[n].scales} for n in names
+                }
+                with atomic_file(state_path) as tmp:
+                    torch.save(done, tmp)
+                modules = dict(model.named_modules())
+            latent.update(apply_fake_quant(model, {n: layers[n] for n in names}))  # what the next block sees
+            loss = f": loss {report.start[index]:.4g} -> {report.end[index]:.4g}" if index in report.end else ""
+            progress.update(task, advance=1, description=f"block {index + 1}/{len(walk.blocks)}{loss}")
+    with torch.no_grad():
+        for name, weight in latent.items():
+            modules[name].weight.copy_(weight)
+    model.to(device)
+    return layers, report
