@@ -35,6 +35,7 @@ SET_ON_PURPOSE = {
     "demo.yaml:qat.warmup_steps": "2 warmup steps for the demo's 20-step cell (the default 10 is sized for 100)",
     "demo.yaml:qat.save_every": "the 20-step cell saves every 5 steps, so an interrupted demo resumes close by",
     "demo.yaml:compare.methods": "the demo's matrix",
+    "demo.yaml:qat.block.nsamples": "32 block-stage windows keep the demo's qat cell short (128 is the default)",
 }
 
 
