@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qatcli.config import JacobianConfig, QATConfig, QuantConfig
 from qatcli.data.models import load_model, load_tokenizer, resolve_model
 from qatcli.data.sources import TrainBatches, read_texts, tokenize_texts
 from qatcli.qat.estimators import Estimator, LayerEstimator, make_estimator
@@ -33,7 +34,6 @@ from qatcli.qat.losses import ce_loss
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import check_group_size, find_targets
-from qatcli.recipe import JacobianConfig, QATConfig, QuantConfig
 from qatcli.runtime import resolve_device
 
 sys.path.insert(0, str(Path(__file__).parent))

@@ -1,7 +1,7 @@
 """The command line: options become recipe overrides; each subcommand's work lives in qatcli.commands.
 
 An option that sets a recipe value is named after its key and takes its help from the field's doc in
-qatcli.recipe, so flags, recipes and their documentation say the same thing.
+qatcli.config, so flags, recipes and their documentation say the same thing.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from typing import Annotated, Any
 
 import typer
 
+from qatcli.config import Recipe
 from qatcli.errors import QatcliError
-from qatcli.recipe import Recipe, field_help, load_recipe, parse_assignments
+from qatcli.recipe import field_help, load_recipe, parse_assignments
 
 INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
 
@@ -30,7 +31,7 @@ app = typer.Typer(
 
 
 def flag(key: str, *decls: str, **kwargs: Any) -> Any:
-    """An option that sets the recipe value ``key``; its help is that field's doc (qatcli.recipe)."""
+    """An option that sets the recipe value ``key``; its help is that field's doc (qatcli.config)."""
     return typer.Option(*decls, help=field_help(key), **kwargs)
 
 

@@ -1,7 +1,8 @@
-"""Recipes: the YAML files that drive every subcommand, their schema, and command-line overrides.
+"""Recipes: reading the YAML files that drive every subcommand, command-line overrides, and the checks.
 
 A recipe is validated as a whole after the overrides are applied, so a value typed on the command
-line gets exactly the same checks and messages as one written in the file.
+line gets exactly the same checks and messages as one written in the file. The schema and its defaults
+are in qatcli/config.py.
 """
 
 from __future__ import annotations
@@ -10,286 +11,27 @@ import dataclasses
 import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from qatcli.config import (
+    AUTO,
+    BLOCK_LOSSES,
+    COMPARE_METHODS,
+    EXPORT_DTYPES,
+    EXPORT_FORMATS,
+    PTQ_METHODS,
+    QAT_LOSSES,
+    QAT_TRAIN,
+    CompareConfig,
+    Recipe,
+)
 from qatcli.errors import QatcliError
-from qatcli.formats.gptq_format import DENSE_DTYPES, FORMATS
 from qatcli.quant.grid import CLIP_METHODS, SUPPORTED_BITS
 
-PTQ_METHODS = ("rtn", "gptq")
-EXPORT_FORMATS = FORMATS
-QAT_LOSSES = ("kd", "ce")
-BLOCK_LOSSES = ("mse", "token_mse")
-QAT_TRAIN = ("all", "scales")
-AUTO_BLOCK_EPOCHS = 2
-COMPARE_METHODS = ("rtn", "gptq", "qat")
-EXPORT_DTYPES = tuple(DENSE_DTYPES)
 SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-AUTO = "auto"
-
-# Data-free training text: 250 sequences of 512 tokens sampled from the full-precision model. Every fifth is
-# held out for evaluation, so training gets 200 x 512 = 102,400 tokens: the 400 windows of 256 tokens that
-# the default 100 steps x 4 windows read once, without repeating a window.
-DEFAULT_QAT_DATA = "generated:250"
-
-
-def doc(text: str) -> dict[str, str]:
-    """A recipe field's documentation (``field(metadata=doc(...))``); the help of its flag is this text."""
-    return {"doc": text}
-
-
-@dataclass
-class QuantConfig:
-    method: str = field(default="rtn", metadata=doc("Quantization method: rtn or gptq"))
-    bits: int = field(default=4, metadata=doc("Weight bits: 2, 3, 4 or 8"))
-    group_size: int | str = field(
-        default=AUTO,
-        metadata=doc(
-            "Input columns per group, or -1 for one group per row; auto: the largest of 128, 64 and 32 that "
-            "divides every quantized layer's in_features, else -1"
-        ),
-    )
-    sym: bool = field(
-        default=True, metadata=doc("Symmetric grid (the GPTQ convention, zero point 2^(b-1)); false: asymmetric")
-    )
-    clip: str = field(
-        default="minmax",
-        metadata=doc(
-            "How each group's range is chosen (RTN, GPTQ and QAT's starting grid): minmax, or mse (the shrink of "
-            "the min/max range that minimises the group's rounding error)"
-        ),
-    )
-    include: list[str] = field(
-        default_factory=list,
-        metadata=doc("Regular expression on layer names: quantize only the matching Linear layers (one per flag)"),
-    )
-    exclude: list[str] = field(
-        default_factory=list,
-        metadata=doc("Regular expression on layer names: keep matching layers in fp (one per flag)"),
-    )
-
-
-@dataclass
-class CalibConfig:
-    """Calibration windows (GPTQ): ``nsamples`` windows of ``seqlen`` tokens at seeded random offsets."""
-
-    data: str | None = field(default=None, metadata=doc("GPTQ calibration data (same forms as evaluation data)"))
-    nsamples: int = field(default=128, metadata=doc("GPTQ calibration windows"))
-    seqlen: int = field(default=512, metadata=doc("Tokens per calibration window"))
-
-
-@dataclass
-class GPTQOptions:
-    """The options of the GPTQ algorithm: qatcli.quant.gptq and qatcli.quant.gptq_model take this object."""
-
-    damp: float = field(
-        default=0.01, metadata=doc("GPTQ dampening: fraction of mean(diag H) added to the Hessian's diagonal")
-    )
-    block_size: int = field(default=128, metadata=doc("GPTQ lazy-update block, in columns"))
-    act_order: bool = field(
-        default=False, metadata=doc("GPTQ desc_act: quantize columns by descending Hessian diagonal")
-    )
-    static_groups: bool = field(
-        default=False, metadata=doc("GPTQ group parameters from the original weights, before any update")
-    )
-    true_sequential: bool = field(
-        default=True,
-        metadata=doc(
-            "GPTQ order within a block: q/k/v, then o, then gate/up, then down, each on the quantized ones before"
-        ),
-    )
-    batch_size: int = field(default=8, metadata=doc("Calibration windows per block forward in GPTQ"))
-
-    def quantization_fields(self) -> dict[str, Any]:
-        """The options as a checkpoint records them, under GPTQModel's names (quantization_config)."""
-        return {
-            "damp_percent": self.damp,
-            "desc_act": self.act_order,
-            "static_groups": self.static_groups,
-            "true_sequential": self.true_sequential,
-            "block_size": self.block_size,
-        }
-
-
-@dataclass
-class JacobianConfig:
-    """Knobs of the jacobian estimator (docs/estimators.md)."""
-
-    update_every: int = field(default=10, metadata=doc("Steps between refreshes of B"))
-    dither_width: float = field(default=0.5, metadata=doc("delta: the dither half-width is delta * s / 2"))
-    probes: int = field(default=2, metadata=doc("Random sign probes per refresh"))
-    probe_step: float = field(default=0.5, metadata=doc("Probe size in units of the scale"))
-    blend: float = field(default=0.5, metadata=doc("Weight of Dither against Probe (1: Dither only, 0: Probe only)"))
-    ema: float = field(default=0.5, metadata=doc("Smoothing of B across refreshes"))
-    clip_min: float = field(default=0.05, metadata=doc("Lower clip of B"))
-    clip_max: float = field(default=2.0, metadata=doc("Upper clip of B"))
-    calib_batches: int = field(default=4, metadata=doc("Training batches whose layer inputs Probe caches"))
-
-
-@dataclass
-class BlockConfig:
-    """The block-wise stage of qat (after EfficientQAT's Block-AP), run before the end-to-end steps."""
-
-    epochs: int | str = field(
-        default=AUTO,
-        metadata=doc(
-            "Passes over the calibration windows for each decoder block; 0 turns the stage off; auto: "
-            f"{AUTO_BLOCK_EPOCHS} at 2 and 3 bits, 0 at 4 and 8"
-        ),
-    )
-    nsamples: int = field(default=128, metadata=doc("Calibration windows, drawn from qat.data"))
-    seqlen: int = field(default=256, metadata=doc("Tokens per calibration window"))
-    batch_size: int = field(default=4, metadata=doc("Windows per step inside a block"))
-    lr: float = field(default=1e-4, metadata=doc("Learning rate of the latent weights in the block stage"))
-    scale_lr: float = field(default=1e-4, metadata=doc("Learning rate of the scales in the block stage"))
-    loss: str = field(
-        default="mse",
-        metadata=doc(
-            "Distance to the full-precision block's output: mse, or token_mse (each token's squared error over "
-            "its own squared norm, so a few massive activations do not decide it)"
-        ),
-    )
-
-    def epochs_for(self, bits: int) -> int:
-        if self.epochs == AUTO:
-            return AUTO_BLOCK_EPOCHS if bits <= 3 else 0
-        return int(self.epochs)
-
-
-@dataclass
-class QATConfig:
-    estimator: str = field(default="ste", metadata=doc("Backward of rounding: ste, fourier or jacobian"))
-    amplitudes: list[float] = field(
-        default_factory=lambda: [0.21], metadata=doc("fourier's amplitudes A_k, one per flag")
-    )
-    jacobian: JacobianConfig = field(default_factory=JacobianConfig, metadata=doc("Knobs of the jacobian estimator"))
-    block: BlockConfig = field(default_factory=BlockConfig, metadata=doc("The block-wise stage before end-to-end"))
-    train: str = field(
-        default="all",
-        metadata=doc(
-            "What the end-to-end steps train: all (latent weights and scales) or scales (EfficientQAT's E2E-QP)"
-        ),
-    )
-    variance_reduction: bool = field(default=False, metadata=doc("MARS-style corrected gradients inside AdamW"))
-    vr_gamma: float = field(default=0.025, metadata=doc("MARS's gamma, with variance_reduction"))
-    init: str = field(
-        default="fp",
-        metadata=doc("Where training starts: fp (the full-precision weights), rtn, gptq or a qatcli checkpoint"),
-    )
-    data: str = field(
-        default=DEFAULT_QAT_DATA,
-        metadata=doc(
-            "Training data (same forms as evaluation data); the default, sampled from the full-precision model, "
-            "holds the 400 windows of 256 tokens that 100 steps of 4 windows read once"
-        ),
-    )
-    steps: int = field(default=100, metadata=doc("End-to-end optimizer steps (0: the block stage alone)"))
-    batch_size: int = field(default=4, metadata=doc("Windows per micro-batch"))
-    seqlen: int = field(default=256, metadata=doc("Tokens per training window"))
-    grad_accum: int = field(default=1, metadata=doc("Micro-batches per optimizer step"))
-    lr: float = field(default=2e-4, metadata=doc("Learning rate of the latent weights"))
-    scale_lr: float = field(default=1e-6, metadata=doc("Learning rate of the per-group scales"))
-    weight_decay: float = field(default=0.0, metadata=doc("AdamW weight decay"))
-    warmup_steps: int = field(default=10, metadata=doc("Steps of linear learning-rate warmup"))
-    min_lr_ratio: float = field(
-        default=0.1, metadata=doc("Learning rate at the end of the cosine decay, as a fraction of lr")
-    )
-    clip_grad: float = field(default=1.0, metadata=doc("Gradient-norm clipping"))
-    loss: str = field(
-        default="kd", metadata=doc("kd (distillation from the full-precision model) or ce (next-token cross-entropy)")
-    )
-    save_every: int = field(default=25, metadata=doc("Save the run's state every N steps"))
-
-
-@dataclass
-class EvalConfig:
-    data: str | None = field(
-        default=None,
-        metadata=doc(
-            "Evaluation data: a text file, .jsonl, hf:NAME[:CONFIG][@SPLIT], wikitext2, sotu[:train|valid|test] "
-            "or generated:N[:LEN]"
-        ),
-    )
-    seqlen: int = field(default=512, metadata=doc("Tokens per evaluation window"))
-    max_windows: int | None = field(default=None, metadata=doc("Evaluate at most this many windows (default: all)"))
-    models: list[str] = field(
-        default_factory=list, metadata=doc("Models for qatcli eval when none are given on the command line")
-    )
-
-
-@dataclass
-class ExportConfig:
-    output: str | None = field(
-        default=None, metadata=doc("GPTQ-format directory to write (the checkpoint read is the recipe's output)")
-    )
-    format: str | None = field(
-        default=None, metadata=doc("gptq (v1) or gptq_v2; by default gptq for symmetric grids, else gptq_v2")
-    )
-    dtype: str = field(
-        default="float16", metadata=doc("dtype of the tensors that stay dense: float16, bfloat16 or float32")
-    )
-    max_shard_mib: int = field(default=5120, metadata=doc("Largest safetensors shard, in MiB"))
-    v1_clamp_zeros: bool = field(
-        default=False, metadata=doc("Write an asymmetric grid as format gptq (v1), zero points clamped to >= 1")
-    )
-
-
-@dataclass
-class CompareMethod:
-    """One entry of ``compare.methods``: a method and the values it is run with (a list: one cell each).
-
-    A value left out comes from the compare section, then from the recipe's quant and qat sections.
-    """
-
-    method: str = field(default="rtn", metadata=doc("rtn, gptq or qat"))
-    bits: int | list[int] | None = field(default=None, metadata=doc("Bit widths of this entry"))
-    group_size: int | str | list[int | str] | None = field(
-        default=None, metadata=doc("Group sizes of this entry (auto, -1 or N)")
-    )
-    estimator: str | list[str] | None = field(
-        default=None, metadata=doc("qat only: estimators, passed to the qat recipe unchanged")
-    )
-    init: str | list[str] | None = field(default=None, metadata=doc("qat only: fp, rtn, gptq or a qatcli checkpoint"))
-    steps: int | None = field(default=None, metadata=doc("qat only: optimizer steps"))
-
-
-@dataclass
-class CompareConfig:
-    """The matrix of `qatcli compare`: every method entry by its bit widths and group sizes."""
-
-    bits: list[int] | None = field(
-        default=None, metadata=doc("Bit widths of the entries that give none (default: quant.bits)")
-    )
-    group_size: list[int | str] | None = field(
-        default=None, metadata=doc("Group sizes of the entries that give none (default: quant.group_size)")
-    )
-    methods: list[CompareMethod] = field(default_factory=list, metadata=doc("The entries of the matrix"))
-
-
-@dataclass
-class Recipe:
-    model: str | None = field(default=None, metadata=doc("Model directory, hub id or built-in alias (smollm2-135m)"))
-    output: str | None = field(
-        default=None, metadata=doc("Output directory: the checkpoint of ptq and qat, the directory of compare")
-    )
-    seed: int = field(default=0, metadata=doc("Random seed"))
-    device: str = field(default="auto", metadata=doc("auto (CUDA if present), cpu, cuda or cuda:N"))
-    quant: QuantConfig = field(
-        default_factory=QuantConfig, metadata=doc("Which layers are quantized and to which grid")
-    )
-    calib: CalibConfig = field(default_factory=CalibConfig, metadata=doc("GPTQ calibration windows"))
-    gptq: GPTQOptions = field(default_factory=GPTQOptions, metadata=doc("GPTQ algorithm options"))
-    qat: QATConfig = field(default_factory=QATConfig, metadata=doc("Quantization-aware training"))
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata=doc("Perplexity evaluation"))
-    export: ExportConfig = field(default_factory=ExportConfig, metadata=doc("GPTQ-format export"))
-    compare: CompareConfig = field(default_factory=CompareConfig, metadata=doc("The matrix of qatcli compare"))
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 def recipe_field(dotted: str) -> dataclasses.Field:

@@ -12,12 +12,12 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from qatcli.config import GPTQOptions
 from qatcli.formats.checkpoint import save_checkpoint
 from qatcli.quant.gptq_model import quantize_gptq
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import find_targets
-from qatcli.recipe import GPTQOptions
 
 # Short CC0 cuts of State of the Union addresses (tests/data/README.md): train.txt, valid.txt, test.txt.
 SOTU = Path(__file__).resolve().parent / "data" / "sotu"

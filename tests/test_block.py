@@ -10,12 +10,12 @@ from conftest import run_cli
 from test_cli import assert_one_line_error
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qatcli.config import QATConfig
 from qatcli.data.sources import calibration_windows
 from qatcli.qat.block import BLOCK_STATE_FILE, train_blocks
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import find_targets
-from qatcli.recipe import QATConfig
 
 CPU = torch.device("cpu")
 

@@ -18,6 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from typer.testing import CliRunner
 
 import qatcli
+from qatcli.config import GPTQOptions
 from qatcli.errors import QatcliError
 from qatcli.formats import checkpoint
 from qatcli.formats.checkpoint import LATENT_FILE, QUANT_FILE, load_checkpoint, read_meta, save_checkpoint
@@ -26,7 +27,6 @@ from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, apply_fake_quant
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import find_targets
-from qatcli.recipe import GPTQOptions
 
 CPU = torch.device("cpu")
 TEXT = " ".join(

@@ -18,9 +18,10 @@ import typer
 from conftest import run_cli
 from safetensors.torch import load_file
 
+from qatcli.config import Recipe
 from qatcli.formats.checkpoint import load_checkpoint
 from qatcli.quant.grid import QuantSpec, fake_quantize, group_qparams
-from qatcli.recipe import Recipe, field_help, recipe_field
+from qatcli.recipe import field_help, recipe_field
 
 
 def assert_one_line_error(result, fragment: str) -> None:

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import qatcli.qat.estimators as estimators_package
+from qatcli.config import JacobianConfig, QATConfig
 from qatcli.errors import QatcliError
 from qatcli.qat.estimators import FOURIER_C, STE, Estimator, Fourier, fourier_factor, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, convert_qat, prepare_qat
 from qatcli.quant.grid import QuantSpec, default_g_idx, fake_quantize, group_qparams
 from qatcli.quant.layer import make_layer_quant
-from qatcli.recipe import JacobianConfig, QATConfig
 
 
 def fake_linear(estimator: Estimator, spec: QuantSpec, scattered: bool = False) -> FakeQuantLinear:

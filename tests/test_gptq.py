@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qatcli.config import GPTQOptions
 from qatcli.errors import QatcliError
 from qatcli.quant.gptq import HessianAccumulator, gptq_quantize, inverse_cholesky
 from qatcli.quant.gptq_model import sequential_groups
 from qatcli.quant.grid import QuantSpec, default_g_idx, dequantize, fake_quantize, group_qparams, quantize
-from qatcli.recipe import GPTQOptions
 
 OUT, IN, TOKENS = 64, 256, 2048
 

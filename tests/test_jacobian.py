@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
+from qatcli.config import JacobianConfig
 from qatcli.errors import QatcliError
 from qatcli.qat.estimators import STE, Jacobian
 from qatcli.qat.estimators.jacobian import dither_slope, group_mean, group_order, probe_slope
 from qatcli.qat.fake_quant import FakeQuantLinear, prepare_qat
 from qatcli.quant.grid import QuantSpec, default_g_idx, fake_quantize_dense, group_qparams
 from qatcli.quant.layer import make_layer_quant
-from qatcli.recipe import JacobianConfig
 
 
 def grid_quantizer(s: torch.Tensor, z: torch.Tensor, maxq: int):

@@ -10,9 +10,10 @@ import pytest
 import yaml
 from torch import nn
 
+from qatcli.config import GPTQOptions, Recipe
 from qatcli.errors import QatcliError
 from qatcli.quant.targets import resolve_group_size
-from qatcli.recipe import GPTQOptions, Recipe, default_value, field_help, load_recipe, parse_assignments, recipe_field
+from qatcli.recipe import default_value, field_help, load_recipe, parse_assignments, recipe_field
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -176,7 +177,7 @@ def test_every_recipe_field_is_documented() -> None:
             assert f.metadata.get("doc"), prefix + f.name
         return out
 
-    from qatcli.recipe import CompareMethod
+    from qatcli.config import CompareMethod
 
     keys = walk(Recipe, "") + walk(CompareMethod, "compare.methods[].")
     for section in ("quant", "calib", "gptq", "qat", "qat.jacobian", "eval", "export", "compare"):

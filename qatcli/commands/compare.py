@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qatcli.config import Recipe
 from qatcli.pipeline.compare import OUTPUTS, compare_matrix
-from qatcli.recipe import Recipe
 from qatcli.report.progress import stderr_console
 from qatcli.report.table import print_table
 

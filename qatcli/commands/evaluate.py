@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qatcli.config import Recipe
 from qatcli.outputs import check_writable, write_json_atomic
 from qatcli.pipeline.evaluate import evaluate_models
-from qatcli.recipe import Recipe
 from qatcli.report.table import human_bytes, print_table
 
 

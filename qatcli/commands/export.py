@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from qatcli.config import Recipe
 from qatcli.formats.export import FAST_KERNEL_GROUP_SIZES
 from qatcli.pipeline.export import export_checkpoint
-from qatcli.recipe import Recipe
 from qatcli.report.progress import stderr_console
 from qatcli.report.table import human_bytes, print_table
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from qatcli.config import Recipe
 from qatcli.pipeline.ptq import make_ptq_checkpoint
-from qatcli.recipe import Recipe
 from qatcli.report.table import human_bytes, print_table
 
 

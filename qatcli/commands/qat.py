@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from qatcli.config import Recipe
 from qatcli.pipeline.qat import train_qat
-from qatcli.recipe import Recipe
 from qatcli.report.table import print_table
 
 

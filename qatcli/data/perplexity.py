@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qatcli.config import EvalConfig
 from qatcli.data.sources import eval_windows
 from qatcli.data.tokens import TokenSource
-from qatcli.recipe import EvalConfig
 from qatcli.report.progress import progress_bar
 
 

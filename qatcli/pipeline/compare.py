@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from qatcli.config import Recipe
 from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.tokens import TokenSource
@@ -43,7 +44,6 @@ from qatcli.pipeline.qat import can_resume, check_init, train_qat
 from qatcli.qat.estimators import check_estimator
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.targets import check_group_size, find_targets, resolve_group_size
-from qatcli.recipe import Recipe
 from qatcli.report.figure import plot_compare
 from qatcli.report.progress import overall_progress, stderr_console
 from qatcli.report.table import fmt

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from qatcli.config import Recipe
 from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.tokens import TokenSource
@@ -21,7 +22,6 @@ from qatcli.formats.packed_model import PackedLinear, load_gptq_model, packed_la
 from qatcli.pipeline.inputs import Problems
 from qatcli.quant.layer import quantized_bytes
 from qatcli.quant.targets import find_targets
-from qatcli.recipe import Recipe
 from qatcli.runtime import resolve_device, seed_everything
 
 

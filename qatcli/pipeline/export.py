@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from qatcli.config import Recipe
 from qatcli.formats.checkpoint import is_checkpoint
 from qatcli.formats.export import ExportReport, export_gptq
 from qatcli.outputs import atomic_dir
 from qatcli.pipeline.inputs import Problems
-from qatcli.recipe import Recipe
 
 
 def check_export(recipe: Recipe, checkpoint: str | None, force: bool) -> tuple[Path, Path]:

@@ -13,8 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qatcli.config import Recipe
 from qatcli.errors import QatcliError
-from qatcli.recipe import Recipe, as_list, load_recipe
+from qatcli.recipe import as_list, load_recipe
 
 PTQ_CELL_METHODS = ("rtn", "gptq")
 

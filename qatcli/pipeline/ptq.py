@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from qatcli.config import Recipe
 from qatcli.data.models import ModelRef, load_model, load_tokenizer
 from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.sources import calibration_windows
@@ -23,7 +24,6 @@ from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, fake_quantized, quantized_bytes
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import check_group_size, find_targets, resolve_group_size
-from qatcli.recipe import Recipe
 from qatcli.report.progress import stderr_console
 from qatcli.runtime import resolve_device, seed_everything
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from qatcli.config import Recipe
 from qatcli.data.models import load_model, resolve_model
 from qatcli.data.sources import calibration_windows
 from qatcli.data.tokens import TokenSource
@@ -30,14 +31,13 @@ from qatcli.formats.checkpoint import (
 from qatcli.outputs import atomic_dir, write_json_atomic
 from qatcli.pipeline.inputs import Problems
 from qatcli.pipeline.ptq import Base, Made, base_meta, evaluate_layers, gptq_layers, load_base
-from qatcli.qat.block import BLOCK_STATE_FILE, train_blocks
+from qatcli.qat.block import BLOCK_STATE_FILE, BlockReport, train_blocks
 from qatcli.qat.estimators import make_estimator
 from qatcli.qat.fake_quant import convert_qat, prepare_qat
 from qatcli.qat.trainer import METRICS_FILE, STATE_FILE, Trainer
 from qatcli.quant.grid import QuantSpec
-from qatcli.quant.layer import apply_fake_quant, quantized_bytes
+from qatcli.quant.layer import LayerQuant, apply_fake_quant, quantized_bytes
 from qatcli.quant.rtn import quantize_rtn
-from qatcli.recipe import Recipe
 from qatcli.report.progress import stderr_console
 from qatcli.runtime import resolve_device, seed_everything
 
@@ -117,6 +117,81 @@ def _initial_model(recipe: Recipe, device: torch.device) -> tuple[Base, dict, To
     return base, layers, source
 
 
+def _block_stage(
+    recipe: Recipe, base: Base, layers: dict[str, LayerQuant], tokens: torch.Tensor, device: torch.device
+) -> tuple[dict[str, LayerQuant], BlockReport | None, int]:
+    """The block-wise stage where the recipe asks for it and no end-to-end state has superseded it."""
+    t = recipe.qat
+    epochs = t.block.epochs_for(base.spec.bits)
+    workdir = run_dir(Path(str(recipe.output)))
+    if epochs == 0 or (workdir / STATE_FILE).is_file():  # a saved end-to-end state holds the stage's result
+        return layers, None, epochs
+    windows = calibration_windows(tokens, t.block.nsamples, t.block.seqlen, recipe.seed)
+    try:
+        layers, report = train_blocks(base.model, layers, windows, t, epochs, recipe.seed, device, workdir)
+    except KeyboardInterrupt:
+        message = "interrupted in the block stage (finished blocks are kept); continue with --resume"
+        raise QatcliError(message) from None
+    return layers, report, epochs
+
+
+def _end_to_end(
+    recipe: Recipe,
+    base: Base,
+    layers: dict[str, LayerQuant],
+    tokens: torch.Tensor,
+    device: torch.device,
+    stop_after: int | None,
+) -> tuple[dict[str, LayerQuant], list[dict[str, Any]]] | None:
+    """The end-to-end steps (none where qat.steps is 0); None where the invocation stopped before the last."""
+    t = recipe.qat
+    if t.steps == 0:
+        return layers, []
+    workdir = run_dir(Path(str(recipe.output)))
+    teacher = load_model(base.ref, device) if t.loss == "kd" else None
+    estimator = make_estimator(t, recipe.seed)
+    fakes = prepare_qat(base.model, layers, estimator)
+    trainer = Trainer(base.model, fakes, estimator, teacher, tokens, t, recipe.seed, device, workdir)
+    if (workdir / STATE_FILE).is_file():
+        trainer.load_state()
+        stderr_console.print(f"resuming at step {trainer.step} of {t.steps}")
+    try:
+        trainer.train(stop_after)
+    except KeyboardInterrupt:
+        trainer.save_state()
+        raise QatcliError(f"interrupted at step {trainer.step}; continue with --resume") from None
+    if trainer.step < t.steps:
+        stderr_console.print(f"stopped after step {trainer.step} of {t.steps}; continue with --resume")
+        return None
+    records = [json.loads(line) for line in (workdir / METRICS_FILE).read_text().splitlines()]
+    return convert_qat(base.model, fakes), records
+
+
+def _qat_meta(recipe: Recipe, base: Base, layers: dict[str, LayerQuant], epochs: int, device: torch.device) -> dict:
+    t, spec = recipe.qat, base.spec
+    return {
+        "method": "qat",
+        "base_model": base_meta(base.ref),
+        "quantization": {
+            "bits": spec.bits,
+            "group_size": spec.group_size,
+            "sym": spec.sym,
+            "desc_act": any(lq.act_order for lq in layers.values()),
+        },
+        "qat": {
+            "estimator": make_estimator(t, recipe.seed).describe(),
+            "block": {"epochs": epochs, **dataclasses.asdict(t.block)} if epochs else None,
+            "train": t.train,
+            "init": t.init,
+            "loss": t.loss,
+            "steps": t.steps,
+            "variance_reduction": {"gamma": t.vr_gamma} if t.variance_reduction else None,
+        },
+        "recipe": recipe.to_dict(),
+        "provenance": provenance("qat", device, recipe.seed),
+    }
+
+
 def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -> Made | None:
     """Run (or continue) the training; the checkpoint when it finished, None when it stopped early."""
     check_qat(recipe, force, resume)
@@ -130,8 +205,6 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
 
     t0 = time.perf_counter()
     base, layers, source = _initial_model(recipe, device)
-    model = base.model
-    teacher = load_model(base.ref, device) if t.loss == "kd" else None
     tokens = source.tokens(t.data, "train")
     workdir.mkdir(parents=True, exist_ok=True)
     before = None
@@ -144,46 +217,18 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
     setup_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    block_epochs = t.block.epochs_for(base.spec.bits)
-    block_report = None
-    e2e_saved = (workdir / STATE_FILE).is_file()
-    if block_epochs > 0 and not e2e_saved:  # a saved end-to-end state already holds the block stage's result
-        b = t.block
-        windows = calibration_windows(tokens, b.nsamples, b.seqlen, recipe.seed)
-        try:
-            layers, block_report = train_blocks(model, layers, windows, t, block_epochs, recipe.seed, device, workdir)
-        except KeyboardInterrupt:
-            raise QatcliError(
-                "interrupted in the block stage (finished blocks are kept); continue with --resume"
-            ) from None
+    layers, block_report, epochs = _block_stage(recipe, base, layers, tokens, device)
     block_seconds = time.perf_counter() - t0
-
     t0 = time.perf_counter()
-    records: list[dict[str, Any]] = []
-    if t.steps > 0:
-        estimator = make_estimator(t, recipe.seed)
-        fakes = prepare_qat(model, layers, estimator)
-        trainer = Trainer(model, fakes, estimator, teacher, tokens, t, recipe.seed, device, workdir)
-        if e2e_saved:
-            trainer.load_state()
-            stderr_console.print(f"resuming at step {trainer.step} of {t.steps}")
-        try:
-            trainer.train(stop_after)
-        except KeyboardInterrupt:
-            trainer.save_state()
-            raise QatcliError(f"interrupted at step {trainer.step}; continue with --resume") from None
-        if trainer.step < t.steps:
-            stderr_console.print(f"stopped after step {trainer.step} of {t.steps}; continue with --resume")
-            return None
-        layers = convert_qat(model, fakes)
-        records = [json.loads(line) for line in (workdir / METRICS_FILE).read_text().splitlines()]
-    train_seconds = time.perf_counter() - t0
-    del teacher
+    trained = _end_to_end(recipe, base, layers, tokens, device, stop_after)
+    if trained is None:
+        return None
+    layers, records = trained
     metrics: dict[str, Any] = {
         "setup_seconds": round(setup_seconds, 3),
         "block_seconds_this_invocation": round(block_seconds, 3),
-        "train_seconds_this_invocation": round(train_seconds, 3),
-        "block_epochs": block_epochs,
+        "train_seconds_this_invocation": round(time.perf_counter() - t0, 3),
+        "block_epochs": epochs,
         "block_loss": None if block_report is None else {"start": block_report.start, "end": block_report.end},
         "steps": t.steps,
         "final_loss": records[-1]["loss"] if records else None,
@@ -193,31 +238,9 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
     }
     if recipe.eval.data is not None:
         metrics["eval"] = {"ppl_before": before, **evaluate_layers(base, layers, recipe, source, device, "eval")}
-    spec = base.spec
-    meta = {
-        "method": "qat",
-        "base_model": base_meta(base.ref),
-        "quantization": {
-            "bits": spec.bits,
-            "group_size": spec.group_size,
-            "sym": spec.sym,
-            "desc_act": any(lq.act_order for lq in layers.values()),
-        },
-        "qat": {
-            "estimator": make_estimator(t, recipe.seed).describe(),
-            "block": {"epochs": block_epochs, **dataclasses.asdict(t.block)} if block_epochs else None,
-            "train": t.train,
-            "init": t.init,
-            "loss": t.loss,
-            "steps": t.steps,
-            "variance_reduction": {"gamma": t.vr_gamma} if t.variance_reduction else None,
-        },
-        "recipe": recipe.to_dict(),
-        "provenance": provenance("qat", device, recipe.seed),
-        "metrics": metrics,
-    }
+    meta = {**_qat_meta(recipe, base, layers, epochs, device), "metrics": metrics}
     with atomic_dir(out, force or resume) as tmp:
-        save_checkpoint(tmp, model, base.tokenizer, layers, meta)
+        save_checkpoint(tmp, base.model, base.tokenizer, layers, meta)
         if records:
             shutil.copy(workdir / METRICS_FILE, tmp / METRICS_FILE)
     shutil.rmtree(workdir)

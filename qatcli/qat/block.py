@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from qatcli.config import QATConfig
 from qatcli.outputs import atomic_file
 from qatcli.qat.estimators import Estimator, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, convert_qat, prepare_qat
 from qatcli.quant.layer import LayerQuant, apply_fake_quant
 from qatcli.quant.walk import BlockWalk, run_block
-from qatcli.recipe import QATConfig
 from qatcli.report.progress import progress_bar
 
 BLOCK_STATE_FILE = "blocks.pt"

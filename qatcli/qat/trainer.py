@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from qatcli.config import QATConfig
 from qatcli.data.sources import TrainBatches
 from qatcli.qat.estimators import Estimator
 from qatcli.qat.fake_quant import FakeQuantLinear
 from qatcli.qat.losses import ce_loss, kd_loss
 from qatcli.qat.variance_reduction import GradientCorrection
-from qatcli.recipe import QATConfig
 from qatcli.report.progress import progress_bar
 
 STATE_FILE = "state.pt"

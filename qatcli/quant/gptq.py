@@ -23,7 +23,7 @@ from qatcli.quant.grid import QuantSpec, default_g_idx, fake_quantize_dense, gro
 if TYPE_CHECKING:
     # The options are declared once, with their defaults and docs, in the recipe schema; the algorithm
     # only reads them, so it does not import the recipe module at run time.
-    from qatcli.recipe import GPTQOptions
+    from qatcli.config import GPTQOptions
 
 MAX_DAMP = 10.0
 

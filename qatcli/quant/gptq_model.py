@@ -27,7 +27,7 @@ from qatcli.quant.walk import Activations, BlockWalk, Stop, run_block
 from qatcli.report.progress import progress_bar, stderr_console
 
 if TYPE_CHECKING:
-    from qatcli.recipe import GPTQOptions
+    from qatcli.config import GPTQOptions
 
 # The order in which a Llama-style block feeds its Linear layers; layers matching none come last.
 SEQUENTIAL_GROUPS = (r"\.(q|k|v)_proj$", r"\.o_proj$", r"\.(gate|up)_proj$", r"\.down_proj$")

@@ -22,8 +22,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from qatcli.config import QATConfig
 from qatcli.errors import QatcliError
-from qatcli.recipe import QATConfig
 
 # Runs that many forward passes of calibration windows through the fake-quantized model.
 Calibrate = Callable[[int], None]

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import torch
 
+from qatcli.config import QATConfig
 from qatcli.errors import QatcliError
 from qatcli.qat.estimators.base import Estimator, LayerEstimator, LayerGrid, register
-from qatcli.recipe import QATConfig
 
 FOURIER_C = math.sqrt(2) * math.pi
 

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
+from qatcli.config import JacobianConfig, QATConfig
 from qatcli.errors import QatcliError
 from qatcli.qat.estimators.base import Calibrate, Estimator, LayerEstimator, LayerGrid, register
 from qatcli.quant.grid import fake_quantize_dense, to_fp16_grid
-from qatcli.recipe import JacobianConfig, QATConfig
 
 Quantizer = Callable[[torch.Tensor], torch.Tensor]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from qatcli.config import QATConfig
 from qatcli.qat.estimators.base import Estimator, LayerEstimator, LayerGrid, register
-from qatcli.recipe import QATConfig
 
 
 class StraightThrough(LayerEstimator):
