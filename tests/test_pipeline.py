@@ -157,3 +157,17 @@ def test_no_command_imports_another_and_modules_form_no_cycle() -> None:
     for module in graph:
         if module not in state:
             visit(module, [])
+
+
+def test_the_design_card_commands_run_as_typed(tiny_model_dir: Path, tmp_path: Path) -> None:
+    """`qatcli ptq MODEL -o X` and `qatcli qat MODEL --bits 2 --estimator fourier -o X` need nothing else:
+    group size auto, data-free training text, the block stage at 2 bits, then the end-to-end steps."""
+    ptq = run_cli("ptq", str(tiny_model_dir), "-o", str(tmp_path / "ptq"))
+    assert ptq.returncode == 0, ptq.stderr
+    qat = run_cli("qat", str(tiny_model_dir), "--bits", "2", "--estimator", "fourier", "-o", str(tmp_path / "qat"))
+    assert qat.returncode == 0, qat.stderr
+    meta = json.loads((tmp_path / "qat" / "qatcli.json").read_text())
+    assert meta["quantization"]["group_size"] == 64 and meta["recipe"]["qat"]["data"].startswith("generated:")
+    assert meta["qat"]["block"]["epochs"] == 2 and meta["metrics"]["steps"] == 100
+    losses = meta["metrics"]["block_loss"]
+    assert all(losses["end"][k] < losses["start"][k] for k in losses["start"])
