@@ -164,7 +164,8 @@ def test_the_design_card_commands_run_as_typed(tiny_model_dir: Path, tmp_path: P
     group size auto, data-free training text, the block stage at 2 bits, then the end-to-end steps."""
     ptq = run_cli("ptq", str(tiny_model_dir), "-o", str(tmp_path / "ptq"))
     assert ptq.returncode == 0, ptq.stderr
-    qat = run_cli("qat", str(tiny_model_dir), "--bits", "2", "--estimator", "fourier", "-o", str(tmp_path / "qat"))
+    args = ["qat", str(tiny_model_dir), "--bits", "2", "--estimator", "fourier", "-o", str(tmp_path / "qat")]
+    qat = run_cli(*args, cache=tmp_path / "cache")
     assert qat.returncode == 0, qat.stderr
     meta = json.loads((tmp_path / "qat" / "qatcli.json").read_text())
     assert meta["quantization"]["group_size"] == 64 and meta["recipe"]["qat"]["data"].startswith("generated:")
