@@ -180,7 +180,7 @@ def _qat_meta(recipe: Recipe, base: Base, layers: dict[str, LayerQuant], epochs:
         },
         "qat": {
             "estimator": make_estimator(t, recipe.seed).describe(),
-            "block": {"epochs": epochs, **dataclasses.asdict(t.block)} if epochs else None,
+            "block": {**dataclasses.asdict(t.block), "epochs": epochs} if epochs else None,
             "train": t.train,
             "init": t.init,
             "loss": t.loss,
