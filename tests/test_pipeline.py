@@ -34,6 +34,8 @@ def qat_cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
         "2",
         "--steps",
         "2",
+        "--block-epochs",
+        "0",
         "-o",
         str(out),
         *extra,
@@ -107,7 +109,7 @@ def test_sigint_saves_the_run_and_resume_continues_it(tiny_model_dir: Path, sotu
         assert proc.poll() is None and time.monotonic() < deadline, "qat ended or never started training"
         time.sleep(0.2)
     os.kill(proc.pid, signal.SIGINT)
-    _, stderr = proc.communicate(timeout=120)
+    _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "interrupted at step" in stderr and "Traceback" not in stderr
     step = int(stderr.split("interrupted at step")[1].split(";")[0])
