@@ -31,7 +31,7 @@ def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     if n % _WORD:
         raise ValueError(f"cannot pack {n} values along dim {dim}: not a multiple of 32")
     chunks = values.reshape(n // _WORD, _WORD, *values.shape[1:])
-    words = torch.zeros(n // _WORD, bits, *values.shape[1:], dtype=torch.int64)
+    words = torch.zeros(n // _WORD, bits, *values.shape[1:], dtype=torch.int64, device=values.device)
     for j, word, offset in _bit_positions(bits):
         v = chunks[:, j]
         words[:, word] |= (v << offset) & _MASK32
@@ -48,7 +48,7 @@ def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         raise ValueError(f"{n} words along dim {dim} is not a whole number of {bits}-bit chunks")
     chunks = words.reshape(n // bits, bits, *words.shape[1:])
     mask = (1 << bits) - 1
-    values = torch.empty(n // bits, _WORD, *words.shape[1:], dtype=torch.int64)
+    values = torch.empty(n // bits, _WORD, *words.shape[1:], dtype=torch.int64, device=words.device)
     for j, word, offset in _bit_positions(bits):
         v = chunks[:, word] >> offset
         if offset + bits > _WORD:
