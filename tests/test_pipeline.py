@@ -14,32 +14,14 @@ from pathlib import Path
 
 import pytest
 from conftest import run_cli
+from test_qat import qat_args
 
 ROOT = Path(__file__).resolve().parents[1] / "qatcli"
 
 
-def qat_cmd(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        "qat",
-        str(model),
-        "--bits",
-        "3",
-        "--group-size",
-        "32",
-        "--data",
-        str(data),
-        "--set",
-        "qat.seqlen=64",
-        "--batch-size",
-        "2",
-        "--steps",
-        "2",
-        "--block-epochs",
-        "0",
-        "-o",
-        str(out),
-        *extra,
-    ]
+def qat_cmd(model: Path, sotu: Path, out: Path, *extra: str) -> list[str]:
+    """test_qat's short run at 3 bits, 2 steps, without the block stage (tests/test_block.py has it)."""
+    return qat_args(model, sotu, out, "--bits", "3", "--steps", "2", "--block-epochs", "0", *extra)
 
 
 @pytest.mark.parametrize("estimator", ["ste", "fourier", "jacobian"])
@@ -47,7 +29,7 @@ def test_qat_starts_from_gptq_with_every_estimator(
     tiny_model_dir: Path, sotu: Path, tmp_path: Path, estimator: str
 ) -> None:
     out = tmp_path / "qat"
-    args = qat_cmd(tiny_model_dir, sotu / "valid.txt", out, "--estimator", estimator, "--init", "gptq")
+    args = qat_cmd(tiny_model_dir, sotu, out, "--estimator", estimator, "--init", "gptq")
     result = run_cli(*args, "--calib-data", str(sotu / "train.txt"), "--nsamples", "8")
     assert result.returncode == 0, result.stderr
     meta = json.loads((out / "qatcli.json").read_text())
@@ -61,12 +43,12 @@ def test_qat_starts_from_a_checkpoint(tiny_model_dir: Path, sotu: Path, tmp_path
     made = run_cli("ptq", str(tiny_model_dir), "--bits", "3", "--group-size", "32", "-o", str(start))
     assert made.returncode == 0, made.stderr
     out = tmp_path / "qat"
-    result = run_cli(*qat_cmd(tiny_model_dir, sotu / "valid.txt", out, "--init", str(start)))
+    result = run_cli(*qat_cmd(tiny_model_dir, sotu, out, "--init", str(start)))
     assert result.returncode == 0, result.stderr
     meta = json.loads((out / "qatcli.json").read_text())
     assert meta["qat"]["init"] == str(start)
     assert meta["base_model"]["spec"] == str(tiny_model_dir)
-    wrong = run_cli(*qat_cmd(tiny_model_dir, sotu / "valid.txt", tmp_path / "q2", "--init", str(start), "--bits", "2"))
+    wrong = run_cli(*qat_cmd(tiny_model_dir, sotu, tmp_path / "q2", "--init", str(start), "--bits", "2"))
     assert wrong.returncode == 2 and "the recipe asks for" in wrong.stderr
 
 
@@ -101,7 +83,7 @@ def test_input_errors_are_reported_together_before_any_work(tmp_path: Path) -> N
 
 def test_sigint_saves_the_run_and_resume_continues_it(tiny_model_dir: Path, sotu: Path, tmp_path: Path) -> None:
     out = tmp_path / "qat"
-    args = qat_cmd(tiny_model_dir, sotu / "valid.txt", out, "--steps", "10000", "--save-every", "10000")
+    args = qat_cmd(tiny_model_dir, sotu, out, "--steps", "10000", "--save-every", "10000")
     proc = subprocess.Popen([sys.executable, "-m", "qatcli", *args], stderr=subprocess.PIPE, text=True)
     metrics = out.with_name("qat.run") / "metrics.jsonl"
     deadline = time.monotonic() + 300
