@@ -136,7 +136,7 @@ class BlockConfig:
     nsamples: int = field(default=128, metadata=doc("Calibration windows, drawn from qat.data"))
     seqlen: int = field(default=256, metadata=doc("Tokens per calibration window"))
     batch_size: int = field(default=4, metadata=doc("Windows per step inside a block"))
-    lr: float = field(default=1e-4, metadata=doc("Learning rate of the latent weights in the block stage"))
+    lr: float = field(default=1e-3, metadata=doc("Learning rate of the latent weights in the block stage"))
     scale_lr: float = field(default=1e-4, metadata=doc("Learning rate of the scales in the block stage"))
     loss: str = field(
         default="mse",
