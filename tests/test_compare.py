@@ -183,5 +183,5 @@ def test_demo_recipe_cells() -> None:
     recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "demo.yaml", {})
     names = [cell.name for cell in expand(recipe)]
     assert names == ["rtn-w4-g64", "rtn-w3-g64", "rtn-w2-g64", "gptq-w3-g64", "qat-ste-fp-w3-g64-s20"]
-    # Everything it reads is generated from the model itself: it runs from a fresh clone without ../shared.
+    # Everything it reads is generated from the model itself: it runs from a fresh clone with nothing beside it.
     assert {recipe.eval.data, recipe.calib.data, recipe.qat.data} == {"generated:50"}
