@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +90,12 @@ def odd_width_model_dir(tmp_path_factory: pytest.TempPathFactory, sotu: Path) ->
     LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def default_sigint() -> None:
+    """In a child process: take SIGINT's default action even where the test run itself ignores SIGINT (a job
+    started in the background by a non-interactive shell does, and its children would inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def run_cli(*args: str, cache: Path | None = None) -> subprocess.CompletedProcess:

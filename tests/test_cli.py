@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import typer
-from conftest import run_cli
+from conftest import default_sigint, run_cli
 from safetensors.torch import load_file
 
 from qatcli.config import Recipe
@@ -326,7 +326,7 @@ def test_ctrl_c_is_one_line_and_status_130(tiny_model_dir: Path, tmp_path: Path)
     """A real SIGINT while eval samples its data: one line, status 130, nothing half-written in the cache."""
     env = {**os.environ, "QATCLI_CACHE": str(tmp_path / "cache")}
     args = [sys.executable, "-m", "qatcli", "eval", str(tiny_model_dir), "--data", "generated:4000:256"]
-    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=default_sigint)
     deadline = time.monotonic() + 120
     while _cpu_seconds(proc.pid) < 8:  # start-up (imports, model load) is well under this; sampling is not
         assert proc.poll() is None and time.monotonic() < deadline, "eval ended before it could be interrupted"

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import default_sigint, run_cli
 from test_qat import qat_args
 
 ROOT = Path(__file__).resolve().parents[1] / "qatcli"
@@ -84,7 +84,9 @@ def test_input_errors_are_reported_together_before_any_work(tmp_path: Path) -> N
 def test_sigint_saves_the_run_and_resume_continues_it(tiny_model_dir: Path, sotu: Path, tmp_path: Path) -> None:
     out = tmp_path / "qat"
     args = qat_cmd(tiny_model_dir, sotu, out, "--steps", "10000", "--save-every", "10000")
-    proc = subprocess.Popen([sys.executable, "-m", "qatcli", *args], stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qatcli", *args], stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
     metrics = out.with_name("qat.run") / "metrics.jsonl"
     deadline = time.monotonic() + 300
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2):
