@@ -84,6 +84,8 @@ def qat_args(model: Path, sotu: Path, out: Path, *extra: str) -> list[str]:
         "1e-3",
         "--scale-lr",
         "1e-3",
+        "--block-epochs",  # the end-to-end steps alone; tests/test_block.py covers the block stage
+        "0",
         "-o",
         str(out),
         *extra,
