@@ -1,7 +1,9 @@
 """Step-time overhead of each QAT estimator against full precision and ste, measured in one run on the same batches.
 
 For each group size the model is prepared for QAT once, and a second, full-precision copy trains the same
-Linear weights without fake quantization (the `fp` row). For every batch the fp model and then each estimator in
+Linear weights without fake quantization (the `fp` row). A third copy, prepared with torchao's QAT
+(IntxFakeQuantizeConfig at the same bits and group size on the same Linear layers, its weight-only fake
+quantizer with per-step min/max scales), is the `torchao` row (skipped with --no-torchao). For every batch the fp model and then each estimator in
 turn do their before-step work (jacobian's refresh of B every `update_every` steps), a forward and a backward
 pass (the estimators are swapped on the same fake-quantized layers), so all see identical work apart from what
 fake quantization and the estimator add. The mean step time counts the periodic refreshes (a median would hide
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from qatcli.config import JacobianConfig, QATConfig, QuantConfig
-from qatcli.data.models import load_model, load_tokenizer, resolve_model
+from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.data.sources import TrainBatches, read_texts, tokenize_texts
 from qatcli.qat.estimators import Estimator, LayerEstimator, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, prepare_qat
@@ -69,6 +71,20 @@ def timed_step(model: nn.Module, ids: torch.Tensor, device: torch.device, before
     return seconds
 
 
+def torchao_model(ref: ModelRef, names: set[str], spec: QuantSpec, device: torch.device) -> nn.Module:
+    """The model prepared by torchao's QAT on the same layers: torchao's own fake-quantized Linear."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+    from torchao.quantization.qat import QATConfig as TorchaoQAT
+
+    dtype = {2: torch.int2, 3: torch.int3, 4: torch.int4, 8: torch.int8}[spec.bits]
+    weight = IntxFakeQuantizeConfig(dtype, group_size=spec.group_size, is_symmetric=spec.sym)
+    model = load_model(ref, device)
+    quantize_(model, TorchaoQAT(weight_config=weight, step="prepare"), filter_fn=lambda _m, fqn: fqn in names)
+    train_only(model, [model.get_submodule(name).weight for name in names])
+    return model
+
+
 def per_layer(estimator: Estimator, fakes: dict[str, FakeQuantLinear]) -> dict[str, LayerEstimator]:
     """The estimator's object for every layer, made once: swapping them in keeps each estimator's own state."""
     return {name: estimator.for_layer(name, fake.grid) for name, fake in fakes.items()}
@@ -86,6 +102,7 @@ def measure(args: argparse.Namespace, group_size: int, device: torch.device) -> 
     layer_estimators = {name: per_layer(estimator, fakes) for name, estimator in estimators.items()}
     train_only(model, [p for fake in fakes.values() for p in (fake.weight, fake.scales)])
     train_only(fp, [fp.get_submodule(name).weight for name in fakes])
+    ao = torchao_model(ref, set(fakes), spec, device) if args.torchao else None
     tokens = tokenize_texts(read_texts(args.data, "train"), load_tokenizer(ref))
     batches = TrainBatches(tokens, args.seqlen, args.batch_size, 0)
     calibration = TrainBatches(tokens, args.seqlen, args.batch_size, 1)
@@ -95,10 +112,12 @@ def measure(args: argparse.Namespace, group_size: int, device: torch.device) -> 
             model(calibration.next_batch().to(device), use_cache=False)
 
     setup_seconds: dict[str, float] = {}
-    times: dict[str, list[float]] = {name: [] for name in ["fp", *estimators]}
+    times: dict[str, list[float]] = {name: [] for name in ["fp", *(["torchao"] if ao else []), *estimators]}
     for step in range(args.steps + WARMUP):
         ids = batches.next_batch().to(device)
         seconds = {"fp": timed_step(fp, ids, device, lambda: None)}
+        if ao is not None:
+            seconds["torchao"] = timed_step(ao, ids, device, lambda: None)
         for name, estimator in estimators.items():
             for layer, fake in fakes.items():
                 fake.estimator = layer_estimators[name][layer]
@@ -133,6 +152,7 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[64])
     parser.add_argument("--estimators", nargs="+", default=["ste", "fourier", "jacobian"], help="First = baseline.")
+    parser.add_argument("--no-torchao", dest="torchao", action="store_false", help="Leave out the torchao row.")
     parser.add_argument("--steps", type=int, default=20, help="Measured batches (after 2 warm-up batches).")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
@@ -149,7 +169,7 @@ def main() -> None:
         f"Command: `python benchmarks/estimator_overhead.py {shlex.join(sys.argv[1:])}`  ",
         f"Machine: {machine()}  ",
         f"Model {args.model}, {args.bits}-bit, batches of {args.batch_size} x {args.seqlen} tokens; before-step "
-        f"work + forward + backward, the same {args.steps} batches for fp and every estimator, interleaved. Ratios "
+        f"work + forward + backward, the same {args.steps} batches for fp, torchao (0.18 IntxFakeQuantizeConfig, weight-only, on the same layers) and every estimator, interleaved. Ratios "
         f"from the mean step time against fp and against {args.estimators[0]}; jacobian refreshes B every "
         f"{JacobianConfig().update_every} steps (counted), its one-time setup is apart.",
         "",

@@ -17,7 +17,7 @@ def run_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -
     ev = m.get("eval", {})
     print_table(
         f"qatcli qat -> {made.output}",
-        ["estimator", "init", "loss", "bits", "group", "steps", "final loss", "s/step", "ppl before", "ppl after"],
+        ["estimator", "init", "loss", "bits", "group", "steps", "final loss", "s/step", "ppl before", "ppl after blocks", "ppl after"],
         [
             [
                 t["estimator"]["name"],
@@ -29,6 +29,7 @@ def run_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -
                 m["final_loss"],
                 m["mean_step_seconds"],
                 ev.get("ppl_before"),
+                ev.get("ppl_after_blocks"),
                 ev.get("ppl"),
             ]
         ],

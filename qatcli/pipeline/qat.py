@@ -43,6 +43,7 @@ from qatcli.runtime import resolve_device, seed_everything
 
 INITS = ("fp", "rtn", "gptq")
 BEFORE_FILE = "before.json"
+AFTER_BLOCKS_FILE = "after_blocks.json"
 
 
 def run_dir(output: Path) -> Path:
@@ -219,6 +220,14 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
     t0 = time.perf_counter()
     layers, block_report, epochs = _block_stage(recipe, base, layers, tokens, device)
     block_seconds = time.perf_counter() - t0
+    after_blocks = None
+    if recipe.eval.data is not None and epochs and t.steps:
+        # the block stage's own result, so one run measures both block-only and block + end-to-end
+        if (workdir / AFTER_BLOCKS_FILE).is_file():
+            after_blocks = json.loads((workdir / AFTER_BLOCKS_FILE).read_text())
+        else:
+            after_blocks = evaluate_layers(base, layers, recipe, source, device, "eval (after blocks)")["ppl"]
+            write_json_atomic(workdir / AFTER_BLOCKS_FILE, after_blocks)
     t0 = time.perf_counter()
     trained = _end_to_end(recipe, base, layers, tokens, device, stop_after)
     if trained is None:
@@ -237,7 +246,11 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
         "quantized_bytes": quantized_bytes(layers),
     }
     if recipe.eval.data is not None:
-        metrics["eval"] = {"ppl_before": before, **evaluate_layers(base, layers, recipe, source, device, "eval")}
+        metrics["eval"] = {
+            "ppl_before": before,
+            "ppl_after_blocks": after_blocks,
+            **evaluate_layers(base, layers, recipe, source, device, "eval"),
+        }
     meta = {**_qat_meta(recipe, base, layers, epochs, device), "metrics": metrics}
     with atomic_dir(out, force or resume) as tmp:
         save_checkpoint(tmp, base.model, base.tokenizer, layers, meta)

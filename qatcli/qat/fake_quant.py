@@ -61,14 +61,13 @@ class _FakeQuantize(torch.autograd.Function):
         grad = grad.reshape(w_g.shape)
         v = w_g / s_g
         rounded = torch.round(v)
-        r = rounded + z_g
-        clamped = torch.clamp(r, 0, ctx.maxq)
-        inside = clamped == r
+        level = (rounded + z_g).clamp_(0, ctx.maxq).sub_(z_g)  # q - z: round(v) inside the range, the clamp outside
+        inside = level == rounded
         factor = ctx.estimator.grad_factor(v)
         grad_w = grad * inside if isinstance(factor, float) and factor == 1.0 else (grad * factor).mul_(inside)
         grad_w = grad_w.reshape(w.shape)
-        # d W_q / d s: round(v) - v inside the range, the clamp level (q - z) outside
-        grad_s_elem = torch.where(inside, rounded.sub_(v), clamped.sub_(z_g)).mul_(grad)
+        # d W_q / d s = level - v inside the range, level outside (in place: v is not needed any more)
+        grad_s_elem = level.sub_(v.mul_(inside)).mul_(grad)
         if ctx.g_idx is None:
             grad_s = grad_s_elem.sum(-1)
         else:

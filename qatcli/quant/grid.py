@@ -135,7 +135,8 @@ def _per_column(params: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
 
 def round_to_grid(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> torch.Tensor:
     """The rounding rule itself, q = clamp(round(w / s) + z, 0, maxq), with s and z broadcast to w (float)."""
-    return torch.clamp(torch.round(w.float() / s) + z, 0, maxq)
+    # in place on the fresh quotient: every new weight-sized tensor costs time (page faults on the CPU)
+    return (w.float() / s).round_().add_(z).clamp_(0, maxq)
 
 
 def quantize(

@@ -20,12 +20,16 @@ def fourier_factor(v: torch.Tensor, amplitudes: Sequence[float]) -> torch.Tensor
     g is 1 at decision boundaries and smallest at grid points; it stays in (0, 1] while the amplitudes are
     non-negative and sum to less than 1/c. A = 0 gives g = 1, i.e. ``ste``.
     """
+    # in place wherever possible: each temporary is weight-sized
     phase = torch.round(v).add_(v).mul_(math.pi)
-    s = torch.zeros_like(v)
-    for k, a in enumerate(amplitudes):  # in place: each temporary is weight-sized
-        s.add_(torch.cos(phase if k == 0 else phase * (2 * k + 1)).mul_(a))
-    s.mul_(FOURIER_C)
-    return (1 - s).div_(s.add_(1))
+    if len(amplitudes) == 1:
+        s = phase.cos_().mul_(amplitudes[0])
+    else:
+        s = torch.zeros_like(v)
+        for k, a in enumerate(amplitudes):
+            s.add_(torch.cos(phase * (2 * k + 1)).mul_(a))
+    # (1 - cS) / (1 + cS) = 2 / (1 + cS) - 1
+    return s.mul_(FOURIER_C).add_(1).reciprocal_().mul_(2).sub_(1)
 
 
 class FourierLayer(LayerEstimator):
