@@ -177,3 +177,38 @@ def test_stopped_and_resumed_run_equals_an_uninterrupted_one(
 def test_bad_qat_input(tiny_model_dir: Path, sotu: Path, tmp_path: Path, extra: list[str], fragment: str) -> None:
     assert_one_line_error(run_cli(*qat_args(tiny_model_dir, sotu, tmp_path / "o", *extra)), fragment)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("estimator", ["ste", "fourier", "jacobian"])
+def test_init_gptq_starts_every_estimator_from_the_gptq_model(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path, estimator: str
+) -> None:
+    calib = ["--calib-data", str(sotu / "train.txt"), "--nsamples", "8", "--calib-seqlen", "64"]
+    evaluation = ["--eval-data", str(sotu / "test.txt"), "--max-windows", "4", "--eval-seqlen", "64"]
+    ptq = run_cli(
+        "ptq",
+        str(tiny_model_dir),
+        "--method",
+        "gptq",
+        "--bits",
+        "2",
+        "--group-size",
+        "32",
+        *calib,
+        *evaluation,
+        "-o",
+        str(tmp_path / "gptq"),
+    )
+    assert ptq.returncode == 0, ptq.stderr
+    gptq_ppl = json.loads((tmp_path / "gptq" / "qatcli.json").read_text())["metrics"]["eval"]["ppl"]
+
+    out = tmp_path / "qat"
+    extra = ["--init", "gptq", "--estimator", estimator, "--steps", "2", "--block-epochs", "1"]
+    extra += ["--set", "qat.block.nsamples=4", "--set", "qat.block.seqlen=32"]
+    result = run_cli(*qat_args(tiny_model_dir, sotu, out, *extra, *calib, *evaluation))
+    assert result.returncode == 0, result.stderr
+    meta = json.loads((out / "qatcli.json").read_text())
+    assert meta["qat"]["init"] == "gptq" and meta["qat"]["estimator"]["name"] == estimator
+    ev = meta["metrics"]["eval"]
+    assert ev["ppl_before"] == pytest.approx(gptq_ppl, rel=1e-6)  # training started from the GPTQ model
+    assert ev["ppl_after_blocks"] is not None and ev["ppl"] != ev["ppl_before"]
