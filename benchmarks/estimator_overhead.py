@@ -3,12 +3,13 @@
 For each group size the model is prepared for QAT once, and a second, full-precision copy trains the same
 Linear weights without fake quantization (the `fp` row). A third copy, prepared with torchao's QAT
 (IntxFakeQuantizeConfig at the same bits and group size on the same Linear layers, its weight-only fake
-quantizer with per-step min/max scales), is the `torchao` row (skipped with --no-torchao). For every batch the fp model and then each estimator in
-turn do their before-step work (jacobian's refresh of B every `update_every` steps), a forward and a backward
-pass (the estimators are swapped on the same fake-quantized layers), so all see identical work apart from what
-fake quantization and the estimator add. The mean step time counts the periodic refreshes (a median would hide
-them); jacobian's one-time setup (caching the calibration Gram blocks, at its first refresh) runs in the warm-up
-and is reported apart. Appends the table to docs/results.md (or --results).
+quantizer with per-step min/max scales), is the `torchao` row (skipped with --no-torchao). For every batch the
+fp model and then each estimator in turn do their before-step work (jacobian's refresh of B every
+`update_every` steps), a forward and a backward pass (the estimators are swapped on the same fake-quantized
+layers), so all see identical work apart from what fake quantization and the estimator add. The mean step time
+counts the periodic refreshes (a median would hide them); jacobian's one-time setup (caching the calibration
+Gram blocks, at its first refresh) runs in the warm-up and is reported apart. Appends the table to
+docs/results.md (or --results).
 
     python benchmarks/estimator_overhead.py --model smollm2-135m --bits 2 --group-sizes 64 --steps 20
 """
@@ -169,7 +170,8 @@ def main() -> None:
         f"Command: `python benchmarks/estimator_overhead.py {shlex.join(sys.argv[1:])}`  ",
         f"Machine: {machine()}  ",
         f"Model {args.model}, {args.bits}-bit, batches of {args.batch_size} x {args.seqlen} tokens; before-step "
-        f"work + forward + backward, the same {args.steps} batches for fp, torchao (0.18 IntxFakeQuantizeConfig, weight-only, on the same layers) and every estimator, interleaved. Ratios "
+        f"work + forward + backward, the same {args.steps} batches for fp, torchao (0.18 IntxFakeQuantizeConfig, "
+        f"weight-only, on the same layers) and every estimator, interleaved. Ratios "
         f"from the mean step time against fp and against {args.estimators[0]}; jacobian refreshes B every "
         f"{JacobianConfig().update_every} steps (counted), its one-time setup is apart.",
         "",

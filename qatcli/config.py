@@ -247,6 +247,9 @@ class CompareMethod:
     )
     init: str | list[str] | None = field(default=None, metadata=doc("qat only: fp, rtn, gptq or a qatcli checkpoint"))
     steps: int | None = field(default=None, metadata=doc("qat only: optimizer steps"))
+    block_epochs: int | str | list[int | str] | None = field(
+        default=None, metadata=doc("qat only: block-stage epochs (auto, 0 for none, or N), one cell each")
+    )
 
 
 @dataclass

@@ -202,7 +202,7 @@ def _value_problems(recipe: Recipe) -> list[str]:
     _one_of(problems, "qat.train", t.train, QAT_TRAIN)
     if t.steps < 0:
         problems.append(f"recipe: qat.steps must be 0 or more, got {t.steps}")
-    if not (t.block.epochs == AUTO or (isinstance(t.block.epochs, int) and t.block.epochs >= 0)):
+    if not valid_block_epochs(t.block.epochs):
         problems.append(f"recipe: qat.block.epochs must be auto or 0 or more, got {t.block.epochs!r}")
     if t.steps == 0 and t.block.epochs_for(recipe.quant.bits) == 0:
         problems.append("recipe: qat.steps and qat.block.epochs are both 0: nothing would be trained")
@@ -216,6 +216,10 @@ def _value_problems(recipe: Recipe) -> list[str]:
     if not 0 <= recipe.gptq.damp < 10:
         problems.append(f"recipe: gptq.damp must be in [0, 10), got {recipe.gptq.damp}")
     return problems + _compare_problems(recipe.compare)
+
+
+def valid_block_epochs(value: Any) -> bool:
+    return value == AUTO or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
 
 
 def as_list(value: Any) -> list[Any]:
@@ -236,17 +240,20 @@ def _compare_problems(c: CompareConfig) -> list[str]:
     for i, m in enumerate(c.methods):
         where = f"compare.methods[{i}]"
         _one_of(problems, f"{where}.method", m.method, COMPARE_METHODS)
-        for key in ("bits", "group_size", "estimator", "init"):
+        for key in ("bits", "group_size", "estimator", "init", "block_epochs"):
             if getattr(m, key) == []:
                 problems.append(f"recipe: {where}.{key} is an empty list")
         bits = as_list(m.bits) if m.bits is not None else []
         problems += [f"recipe: {where}.bits must hold {supported}, got {b}" for b in bits if b not in SUPPORTED_BITS]
         groups += as_list(m.group_size) if m.group_size is not None else []
         if m.method != "qat":
-            for key in ("estimator", "init", "steps"):
+            for key in ("estimator", "init", "steps", "block_epochs"):
                 if getattr(m, key) is not None:
                     problems.append(f"recipe: {where}.{key} applies to method qat only, not {m.method}")
         _positive(problems, {f"{where}.steps": m.steps})
+        for epochs in as_list(m.block_epochs) if m.block_epochs is not None else []:
+            if not valid_block_epochs(epochs):
+                problems.append(f"recipe: {where}.block_epochs must be auto or 0 or more, got {epochs!r}")
     for group in groups:
         if not valid_group_size(group):
             problems.append(f"recipe: group sizes in compare must be -1 (per row), auto or positive, got {group!r}")

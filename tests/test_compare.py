@@ -13,7 +13,7 @@ from PIL import Image
 from test_cli import assert_one_line_error
 
 from qatcli import cli
-from qatcli.pipeline.matrix import expand
+from qatcli.pipeline.matrix import cell_recipe, expand
 from qatcli.qat.trainer import Trainer
 from qatcli.recipe import load_recipe
 
@@ -151,6 +151,8 @@ def test_interrupted_compare_resumes_and_reuses_finished_cells(
         ("    - {method: gptq}", "gptq cells need calibration data"),
         ("    - {method: qat, estimator: lsq}", "unknown estimator 'lsq' (known: "),
         ("    - {method: qat, init: nowhere}", "init must be fp, rtn, gptq or a qatcli checkpoint, got 'nowhere'"),
+        ("    - {method: qat, block_epochs: [0, -2]}", "compare.methods[0].block_epochs must be auto or 0 or more"),
+        ("    - {method: gptq, block_epochs: 2}", "compare.methods[0].block_epochs applies to method qat only"),
         ("    []", "the recipe has no compare.methods"),
     ],
 )
@@ -177,6 +179,17 @@ def test_compare_never_takes_over_another_directory(
         assert_one_line_error(result, "holds something other than a qatcli compare run")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
     assert_one_line_error(compare_in_process(str(tmp_path / "none.yaml"), capsys=capsys), "recipe file")
+
+
+def test_cells_with_and_without_the_block_stage(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "compare:\n  methods:\n    - {method: qat, bits: 2, group_size: 64, steps: 30, block_epochs: [0, 2]}\n"
+    )
+    recipe = load_recipe(path, {})
+    cells = expand(recipe)
+    assert [c.name for c in cells] == ["qat-ste-fp-w2-g64-s30-b0", "qat-ste-fp-w2-g64-s30-b2"]
+    assert [cell_recipe(recipe, c, tmp_path).qat.block.epochs for c in cells] == [0, 2]
 
 
 def test_demo_recipe_cells() -> None:

@@ -17,7 +17,19 @@ def run_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -
     ev = m.get("eval", {})
     print_table(
         f"qatcli qat -> {made.output}",
-        ["estimator", "init", "loss", "bits", "group", "steps", "final loss", "s/step", "ppl before", "ppl after blocks", "ppl after"],
+        [
+            "estimator",
+            "init",
+            "loss",
+            "bits",
+            "group",
+            "steps",
+            "final loss",
+            "s/step",
+            "ppl before",
+            "ppl after blocks",
+            "ppl after",
+        ],
         [
             [
                 t["estimator"]["name"],

@@ -57,6 +57,7 @@ CSV_COLUMNS = (
     "estimator",
     "init",
     "steps",
+    "block_epochs",
     "bits",
     "group_size",
     "sym",
@@ -177,6 +178,14 @@ def _fp_row(ctx: Context, cells: list[Cell]) -> dict[str, Any]:
     return {**row, "status": "new"}
 
 
+def _block_epochs(meta: dict[str, Any]) -> int | None:
+    """The block-stage epochs a QAT checkpoint was trained with (auto resolved; 0 without the stage)."""
+    if meta["method"] != "qat":
+        return None
+    block = meta["qat"].get("block")
+    return block["epochs"] if block else 0
+
+
 def _make_checkpoint(cell: Cell, recipe: Recipe, directory: Path, state: dict[str, Any]) -> str:
     """Run ptq or qat for the cell; QAT time adds up over resumed invocations. Returns new or resumed."""
     checkpoint = Path(str(recipe.output))
@@ -249,6 +258,7 @@ def _run_cell(ctx: Context, cell: Cell) -> dict[str, Any]:
         "estimator": cell.estimator,
         "init": cell.init,
         "steps": cell.steps,
+        "block_epochs": _block_epochs(meta),
         "bits": cell.bits,
         "group_size": cell.group_size,
         "sym": recipe.quant.sym,

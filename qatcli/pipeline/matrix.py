@@ -1,9 +1,10 @@
 """The cells of `qatcli compare`: the compare section expanded, each cell's recipe, and what makes it reusable.
 
-A cell is one run of one method at one bit width and group size (and, for QAT, one estimator, init and step
-count). Its recipe is the compare recipe's shared sections with the cell's values put in. Two keys decide
-what an earlier run of the cell can still be used for: the checkpoint key (everything its checkpoint depends
-on) and the evaluation key (the windows it is evaluated on and how it is exported).
+A cell is one run of one method at one bit width and group size (and, for QAT, one estimator, init, step count
+and, where the entry names them, block-stage epochs). Its recipe is the compare recipe's shared sections with
+the cell's values put in. Two keys decide what an earlier run of the cell can still be used for: the
+checkpoint key (everything its checkpoint depends on) and the evaluation key (the windows it is evaluated on
+and how it is exported).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Cell:
     estimator: str | None = None  # qat only, passed to the qat recipe as it is
     init: str | None = None  # qat only
     steps: int | None = None  # qat only
+    block_epochs: int | str | None = None  # qat only, where the entry names it (else the recipe's qat.block.epochs)
 
     @property
     def init_name(self) -> str:
@@ -37,18 +39,20 @@ class Cell:
 
     @property
     def name(self) -> str:
-        """A directory name: rtn-w3-g64, qat-ste-rtn-w2-g64-s200."""
+        """A directory name: rtn-w3-g64, qat-ste-rtn-w2-g64-s200, qat-ste-fp-w2-g64-s20-b2 (block epochs named)."""
         if self.method != "qat":
             return f"{self.method}-w{self.bits}-g{self.group_size}"
         init = re.sub(r"[^\w.-]", "_", self.init_name)
-        return f"qat-{self.estimator}-{init}-w{self.bits}-g{self.group_size}-s{self.steps}"
+        blocks = "" if self.block_epochs is None else f"-b{self.block_epochs}"
+        return f"qat-{self.estimator}-{init}-w{self.bits}-g{self.group_size}-s{self.steps}{blocks}"
 
     @property
     def series(self) -> str:
         """The cells that differ only in bits and group size form one series (a line in the figure)."""
         if self.method != "qat":
             return self.method
-        return f"qat {self.estimator} ({self.init_name} init, {self.steps} steps)"
+        blocks = "" if self.block_epochs is None else f", block epochs {self.block_epochs}"
+        return f"qat {self.estimator} ({self.init_name} init, {self.steps} steps{blocks})"
 
 
 def expand(recipe: Recipe, auto_group_size: int | None = None) -> list[Cell]:
@@ -65,14 +69,15 @@ def expand(recipe: Recipe, auto_group_size: int | None = None) -> list[Cell]:
             estimators = as_list(m.estimator) if m.estimator is not None else [recipe.qat.estimator]
             inits = as_list(m.init) if m.init is not None else [recipe.qat.init]
             steps = m.steps if m.steps is not None else recipe.qat.steps
-            variants = [(e, i, steps) for e in estimators for i in inits]
+            epochs = as_list(m.block_epochs) if m.block_epochs is not None else [None]
+            variants = [(e, i, steps, b) for e in estimators for i in inits for b in epochs]
         else:
-            variants = [(None, None, None)]
-        for estimator, init, steps in variants:
+            variants = [(None, None, None, None)]
+        for estimator, init, steps, block_epochs in variants:
             for g in groups:
                 for b in bits:
                     group = auto_group_size if g == "auto" and auto_group_size is not None else g
-                    cells.append(Cell(m.method, b, group, estimator, init, steps))
+                    cells.append(Cell(m.method, b, group, estimator, init, steps, block_epochs))
     names = [cell.name for cell in cells]
     for name in names:
         if names.count(name) > 1:
@@ -107,6 +112,8 @@ def cell_recipe(base: Recipe, cell: Cell, directory: Path) -> Recipe:
         values["quant.method"] = cell.method
     else:
         values.update({"qat.estimator": cell.estimator, "qat.init": cell.init, "qat.steps": cell.steps})
+        if cell.block_epochs is not None:
+            values["qat.block.epochs"] = cell.block_epochs
     recipe = load_recipe(None, values)
     # compare evaluates every export itself, on the same windows; the cell's run measures nothing.
     recipe.eval.data = None
