@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qatcli.config import QATConfig
 from qatcli.data.sources import calibration_windows
-from qatcli.qat.block import BLOCK_STATE_FILE, train_blocks
+from qatcli.qat.block import block_state_file, train_blocks
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import find_targets
@@ -49,9 +50,8 @@ def test_block_stage_resumed_after_a_block_equals_an_uninterrupted_one(
 ) -> None:
     whole, whole_layers, _ = _stage(tiny_model_dir, sotu / "valid.txt", tmp_path / "a")
     # stopped after block 0: its state file holds block 0 only
-    state = torch.load(tmp_path / "a" / BLOCK_STATE_FILE, weights_only=True)
-    (tmp_path / "b").mkdir()
-    torch.save({0: state[0]}, tmp_path / "b" / BLOCK_STATE_FILE)
+    block_state_file(tmp_path / "b", 0).parent.mkdir(parents=True)
+    shutil.copy(block_state_file(tmp_path / "a", 0), block_state_file(tmp_path / "b", 0))
     resumed, resumed_layers, report = _stage(tiny_model_dir, sotu / "valid.txt", tmp_path / "b")
     assert set(report.end) == {1}  # block 0 came from the saved state, block 1 was trained
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values(), strict=True):

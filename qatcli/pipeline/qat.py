@@ -31,7 +31,7 @@ from qatcli.formats.checkpoint import (
 from qatcli.outputs import atomic_dir, write_json_atomic
 from qatcli.pipeline.inputs import Problems
 from qatcli.pipeline.ptq import Base, Made, base_meta, evaluate_layers, gptq_layers, load_base
-from qatcli.qat.block import BLOCK_STATE_FILE, BlockReport, train_blocks
+from qatcli.qat.block import BlockReport, saved_blocks, train_blocks
 from qatcli.qat.estimators import make_estimator
 from qatcli.qat.fake_quant import convert_qat, prepare_qat
 from qatcli.qat.trainer import METRICS_FILE, STATE_FILE, Trainer
@@ -53,7 +53,7 @@ def run_dir(output: Path) -> Path:
 
 def can_resume(output: Path) -> bool:
     """Whether ``output`` has an unfinished run saved: end-to-end steps, or blocks of the block stage."""
-    return any((run_dir(output) / name).is_file() for name in (STATE_FILE, BLOCK_STATE_FILE))
+    return (run_dir(output) / STATE_FILE).is_file() or bool(saved_blocks(run_dir(output)))
 
 
 def check_init(init: str, what: str) -> None:

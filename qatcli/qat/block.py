@@ -5,9 +5,9 @@ The windows walk through the model as in GPTQ (quant/walk.py): a block's inputs 
 before it, already trained and quantized; its targets are what the full-precision block gives on the
 full-precision stream of activations. Only one block and the activations are on the device at a time.
 
-After each block the trained latent weights and scales are saved in the run directory; a resumed run walks
-the same windows again, takes the saved blocks instead of training them, and trains the rest exactly as an
-uninterrupted run would (each block's order of batches and estimator draw from a seed of its own).
+After each block its trained latent weights and scales are saved in the run directory, one file a block; a
+resumed run walks the same windows again, takes the saved blocks instead of training them, and trains the
+rest exactly as an uninterrupted run would (each block's order of batches and estimator draw from a seed of its own).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from qatcli.quant.layer import LayerQuant, apply_fake_quant
 from qatcli.quant.walk import BlockWalk, run_block
 from qatcli.report.progress import progress_bar
 
-BLOCK_STATE_FILE = "blocks.pt"
+BLOCK_STATE_DIR = "blocks"
 
 
 @dataclass
@@ -104,8 +104,14 @@ def _train_block(
         p.requires_grad_(False)
 
 
-def _load_state(path: Path) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
-    return torch.load(path, weights_only=True) if path.is_file() else {}
+def block_state_file(workdir: Path, index: int) -> Path:
+    return workdir / BLOCK_STATE_DIR / f"block-{index:04d}.pt"
+
+
+def saved_blocks(workdir: Path) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
+    """The blocks a run has finished: index -> layer name -> its latent weight and scales."""
+    files = sorted((workdir / BLOCK_STATE_DIR).glob("block-*.pt"))
+    return {int(f.stem.removeprefix("block-")): torch.load(f, weights_only=True) for f in files}
 
 
 def train_blocks(
@@ -119,8 +125,8 @@ def train_blocks(
     workdir: Path,
 ) -> tuple[dict[str, LayerQuant], BlockReport]:
     """Train every block's quantized layers; the model's Linear layers end holding the trained latent weights."""
-    state_path = workdir / BLOCK_STATE_FILE
-    done = _load_state(state_path)
+    done = saved_blocks(workdir)
+    (workdir / BLOCK_STATE_DIR).mkdir(parents=True, exist_ok=True)
     walk = BlockWalk(model, windows, qat.block.batch_size, device, keep_fp=True)
     modules = dict(model.named_modules())
     layers = dict(layers)
@@ -144,11 +150,11 @@ def train_blocks(
                 _train_block(block, fakes, estimator, qat, epochs, seed + index, walk)
                 report.end[index] = _mean_loss(block, walk, qat.block.loss)
                 layers.update(convert_qat(model, fakes))
-                done[index] = {
+                trained = {
                     n: {"weight": modules[n].weight.detach().cpu().clone(), "scales": layers[n].scales} for n in names
                 }
-                with atomic_file(state_path) as tmp:
-                    torch.save(done, tmp)
+                with atomic_file(block_state_file(workdir, index)) as tmp:
+                    torch.save(trained, tmp)
                 modules = dict(model.named_modules())
             latent.update(apply_fake_quant(model, {n: layers[n] for n in names}))  # what the next block sees
             loss = f": loss {report.start[index]:.4g} -> {report.end[index]:.4g}" if index in report.end else ""
