@@ -1,8 +1,9 @@
-"""Device selection and seeding."""
+"""Device selection, seeding and peak memory."""
 
 from __future__ import annotations
 
 import random
+import resource
 
 import numpy as np
 import torch
@@ -29,3 +30,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float | None]:
+    """The process's peak resident memory, and the peak CUDA allocation on ``device`` since its last reset."""
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_cuda_mib": None if cuda is None else round(cuda, 1),
+    }

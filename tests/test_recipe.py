@@ -37,6 +37,10 @@ SET_ON_PURPOSE = {
     "demo.yaml:qat.save_every": "the 20-step cell saves every 5 steps, so an interrupted demo resumes close by",
     "demo.yaml:compare.methods": "the demo's matrix",
     "demo.yaml:qat.block.nsamples": "32 block-stage windows keep the demo's qat cell short (128 is the default)",
+    "*-gpu.yaml:device": "a GPU recipe: sized for one, it would take days on a CPU",
+    "qat-w2-1b-gpu.yaml:quant.clip": "the MSE clipping search: the better 2-bit start grid",
+    "qat-w2-1b-gpu.yaml:qat.block.*": "the block stage scaled for a 1B model on a GPU: more and longer windows",
+    "qat-w2-1b-gpu.yaml:qat.*": "end-to-end distillation scaled for a 1B model on a GPU: longer windows, more steps",
 }
 
 

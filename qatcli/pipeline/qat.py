@@ -39,7 +39,7 @@ from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, apply_fake_quant, quantized_bytes
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.report.progress import stderr_console
-from qatcli.runtime import resolve_device, seed_everything
+from qatcli.runtime import peak_memory_mib, resolve_device, seed_everything
 
 INITS = ("fp", "rtn", "gptq")
 BEFORE_FILE = "before.json"
@@ -203,6 +203,8 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
         shutil.rmtree(workdir)
     device = resolve_device(recipe.device)
     seed_everything(recipe.seed)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
 
     t0 = time.perf_counter()
     base, layers, source = _initial_model(recipe, device)
@@ -244,6 +246,7 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
         "mean_step_seconds": sum(r["step_seconds"] for r in records) / len(records) if records else None,
         "quantized_layers": len(layers),
         "quantized_bytes": quantized_bytes(layers),
+        **peak_memory_mib(device),
     }
     if recipe.eval.data is not None:
         metrics["eval"] = {
