@@ -109,6 +109,7 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
         "loss": "qat.loss",
         "variance_reduction": "qat.variance_reduction",
         "save_every": "qat.save_every",
+        "eval_every": "qat.eval_every",
         "calib_data": "calib.data",
         "nsamples": "calib.nsamples",
         "calib_seqlen": "calib.seqlen",
@@ -198,6 +199,7 @@ def qat(
         bool | None, flag("qat.variance_reduction", "--variance-reduction/--no-variance-reduction")
     ] = None,
     save_every: Annotated[int | None, flag("qat.save_every")] = None,
+    eval_every: Annotated[int | None, flag("qat.eval_every")] = None,
     set_: SetOpt = None,
     calib_data: CalibDataOpt = None,
     nsamples: NsamplesOpt = None,

@@ -195,6 +195,10 @@ class QATConfig:
         default="kd", metadata=doc("kd (distillation from the full-precision model) or ce (next-token cross-entropy)")
     )
     save_every: int = field(default=25, metadata=doc("Save the run's state every N steps"))
+    eval_every: int = field(
+        default=0,
+        metadata=doc("Evaluate on the evaluation data every N end-to-end steps, into metrics.jsonl (0: never)"),
+    )
 
 
 @dataclass

@@ -212,3 +212,18 @@ def test_init_gptq_starts_every_estimator_from_the_gptq_model(
     ev = meta["metrics"]["eval"]
     assert ev["ppl_before"] == pytest.approx(gptq_ppl, rel=1e-6)  # training started from the GPTQ model
     assert ev["ppl_after_blocks"] is not None and ev["ppl"] != ev["ppl_before"]
+
+
+def test_eval_every_records_the_curve_without_changing_the_run(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path
+) -> None:
+    evaluation = ["--eval-data", str(sotu / "test.txt"), "--max-windows", "2", "--eval-seqlen", "64"]
+    plain, curved = tmp_path / "plain", tmp_path / "curved"
+    for out, extra in ((plain, []), (curved, ["--eval-every", "2"])):
+        result = run_cli(*qat_args(tiny_model_dir, sotu, out, "--steps", "4", *evaluation, *extra))
+        assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in (curved / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_ppl" in r] == [2, 4]
+    final = json.loads((curved / "qatcli.json").read_text())["metrics"]["eval"]["ppl"]
+    assert records[-1]["eval_ppl"] == pytest.approx(final, rel=1e-9)  # the recorded curve ends at the result
+    assert json.loads((plain / "qatcli.json").read_text())["metrics"]["eval"]["ppl"] == final

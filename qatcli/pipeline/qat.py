@@ -17,6 +17,7 @@ import torch
 
 from qatcli.config import Recipe
 from qatcli.data.models import load_model, resolve_model
+from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.sources import calibration_windows
 from qatcli.data.tokens import TokenSource
 from qatcli.errors import QatcliError
@@ -140,6 +141,7 @@ def _end_to_end(
     recipe: Recipe,
     base: Base,
     layers: dict[str, LayerQuant],
+    source: TokenSource,
     tokens: torch.Tensor,
     device: torch.device,
     stop_after: int | None,
@@ -156,8 +158,15 @@ def _end_to_end(
     if (workdir / STATE_FILE).is_file():
         trainer.load_state()
         stderr_console.print(f"resuming at step {trainer.step} of {t.steps}")
+    evaluate = None
+    if recipe.eval.data is not None and t.eval_every:
+
+        def evaluate() -> float:
+            with torch.no_grad():
+                return evaluate_on_data(base.model, source, recipe.eval, device, "eval").ppl
+
     try:
-        trainer.train(stop_after)
+        trainer.train(stop_after, evaluate=evaluate)
     except KeyboardInterrupt:
         trainer.save_state()
         raise QatcliError(f"interrupted at step {trainer.step}; continue with --resume") from None
@@ -231,7 +240,7 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
             after_blocks = evaluate_layers(base, layers, recipe, source, device, "eval (after blocks)")["ppl"]
             write_json_atomic(workdir / AFTER_BLOCKS_FILE, after_blocks)
     t0 = time.perf_counter()
-    trained = _end_to_end(recipe, base, layers, tokens, device, stop_after)
+    trained = _end_to_end(recipe, base, layers, source, tokens, device, stop_after)
     if trained is None:
         return None
     layers, records = trained
