@@ -300,7 +300,7 @@ def main(argv: list[str] | None = None) -> Any:
         status = command.main(args=argv, prog_name="qatcli", standalone_mode=False)
     except QatcliError as err:
         print(f"qatcli: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
     except typer.TyperException as err:
         ctx = getattr(err, "ctx", None)
         if type(err).__name__ == "NoArgsIsHelpError" and ctx is not None:

@@ -195,6 +195,13 @@ class QATConfig:
         default="kd", metadata=doc("kd (distillation from the full-precision model) or ce (next-token cross-entropy)")
     )
     save_every: int = field(default=25, metadata=doc("Save the run's state every N steps"))
+    skip_nonfinite: int = field(
+        default=0,
+        metadata=doc(
+            "End-to-end batches with a loss or gradient that is not finite that may be skipped (no update) "
+            "before the run stops; 0: stop at the first"
+        ),
+    )
     eval_every: int = field(
         default=0,
         metadata=doc("Evaluate on the evaluation data every N end-to-end steps, into metrics.jsonl (0: never)"),

@@ -1,5 +1,13 @@
-"""The error type for user mistakes: the CLI prints its message on one line and exits non-zero."""
+"""The error types the CLI shows as one line, without a traceback, and the exit status of each."""
 
 
 class QatcliError(Exception):
-    """A problem with the user's input or environment (not a bug): shown without a traceback."""
+    """A problem with the user's input or environment (not a bug): exit status 2."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(QatcliError):
+    """Training met a loss or gradient that is not finite and stopped, its last good state kept: exit status 1."""
+
+    exit_code = 1

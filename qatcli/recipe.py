@@ -208,8 +208,9 @@ def _value_problems(recipe: Recipe) -> list[str]:
         problems.append("recipe: qat.steps and qat.block.epochs are both 0: nothing would be trained")
     if not 0 <= t.vr_gamma <= 1:
         problems.append(f"recipe: qat.vr_gamma must be in [0, 1], got {t.vr_gamma}")
-    if t.eval_every < 0:
-        problems.append(f"recipe: qat.eval_every must be 0 or more, got {t.eval_every}")
+    for key in ("eval_every", "skip_nonfinite"):
+        if getattr(t, key) < 0:
+            problems.append(f"recipe: qat.{key} must be 0 or more, got {getattr(t, key)}")
     if t.warmup_steps < 0 or not 0 <= t.min_lr_ratio <= 1 or t.weight_decay < 0:
         problems.append("recipe: qat.warmup_steps and qat.weight_decay must be >= 0, qat.min_lr_ratio in [0, 1]")
     if e.format is not None:

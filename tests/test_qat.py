@@ -227,3 +227,31 @@ def test_eval_every_records_the_curve_without_changing_the_run(
     final = json.loads((curved / "qatcli.json").read_text())["metrics"]["eval"]["ppl"]
     assert records[-1]["eval_ppl"] == pytest.approx(final, rel=1e-9)  # the recorded curve ends at the result
     assert json.loads((plain / "qatcli.json").read_text())["metrics"]["eval"]["ppl"] == final
+
+
+def test_a_diverging_run_stops_with_its_last_good_state(tiny_model_dir: Path, sotu: Path, tmp_path: Path) -> None:
+    out = tmp_path / "qat"
+    blow_up = ["--lr", "1e30", "--scale-lr", "1e30", "--set", "qat.warmup_steps=0", "--save-every", "1"]
+    result = run_cli(*qat_args(tiny_model_dir, sotu, out, "--steps", "6", *blow_up))
+    assert result.returncode == 1
+    assert_one_line_error(result, "step 2: the loss is nan: training stopped before that update, step 1 is saved")
+    assert not out.exists()  # nothing written from a broken model
+    state = torch.load(tmp_path / "qat.run" / "state.pt", weights_only=False)
+    assert state["step"] == 1 and all(torch.isfinite(t).all() for t in state["trainable"].values())
+
+    skip = ["--set", "qat.skip_nonfinite=9", "--force"]
+    skipping = run_cli(*qat_args(tiny_model_dir, sotu, out, "--steps", "6", *blow_up, *skip))
+    assert skipping.returncode == 1 and not out.exists()
+    assert_one_line_error(skipping, "scales or weights that are not finite and positive: nothing was written")
+
+
+def test_a_diverging_block_stage_stops_and_keeps_its_finished_blocks(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "qat"
+    extra = ["--steps", "0", "--block-epochs", "1", "--set", "qat.block.nsamples=4", "--set", "qat.block.seqlen=32"]
+    extra += ["--set", "qat.block.lr=1e30", "--set", "qat.block.scale_lr=1e30"]
+    result = run_cli(*qat_args(tiny_model_dir, sotu, out, *extra))
+    assert result.returncode == 1
+    assert_one_line_error(result, "the loss is nan: the block stage stopped before that update")
+    assert not out.exists() and (tmp_path / "qat.run" / "blocks").is_dir()

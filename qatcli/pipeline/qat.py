@@ -20,7 +20,7 @@ from qatcli.data.models import load_model, resolve_model
 from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.sources import calibration_windows
 from qatcli.data.tokens import TokenSource
-from qatcli.errors import QatcliError
+from qatcli.errors import QatcliError, TrainingDiverged
 from qatcli.formats.checkpoint import (
     base_model_ref,
     is_checkpoint,
@@ -177,6 +177,18 @@ def _end_to_end(
     return convert_qat(base.model, fakes), records
 
 
+def _check_trained(base: Base, layers: dict[str, LayerQuant], workdir: Path) -> None:
+    """Refuse to write a checkpoint whose grid or latent weights training has broken."""
+    for name, lq in layers.items():
+        scales = lq.scales.float()
+        weight = base.model.get_submodule(name).weight
+        if not (torch.isfinite(scales).all() and (scales > 0).all() and torch.isfinite(weight).all()):
+            raise TrainingDiverged(
+                f"training left {name} with scales or weights that are not finite and positive: nothing was "
+                f"written; the run's last saved state is in {workdir} (lower the learning rates)"
+            )
+
+
 def _qat_meta(recipe: Recipe, base: Base, layers: dict[str, LayerQuant], epochs: int, device: torch.device) -> dict:
     t, spec = recipe.qat, base.spec
     return {
@@ -244,6 +256,7 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
     if trained is None:
         return None
     layers, records = trained
+    _check_trained(base, layers, workdir)
     metrics: dict[str, Any] = {
         "setup_seconds": round(setup_seconds, 3),
         "block_seconds_this_invocation": round(block_seconds, 3),

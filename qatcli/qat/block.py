@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from qatcli.config import QATConfig
+from qatcli.errors import TrainingDiverged
 from qatcli.outputs import atomic_file
 from qatcli.qat.estimators import Estimator, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, convert_qat, prepare_qat
@@ -95,6 +96,11 @@ def _train_block(
             hidden, kwargs = walk.inputs[i]
             estimator.before_step(step)
             loss = block_loss(run_block(block, hidden, kwargs), walk.fp_outputs[i], cfg.loss)
+            if not math.isfinite(loss.item()):
+                raise TrainingDiverged(
+                    f"step {step + 1}: the loss is {loss.item():g}: the block stage stopped before that update; "
+                    "the blocks finished before it are kept (lower qat.block.lr or qat.block.scale_lr)"
+                )
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -147,7 +153,10 @@ def train_blocks(
                 fakes = prepare_qat(model, {n: layers[n] for n in names}, estimator)
                 report.start[index] = _mean_loss(block, walk, qat.block.loss)
                 estimator.setup(lambda batches, block=block: _calibrate(block, walk, batches))
-                _train_block(block, fakes, estimator, qat, epochs, seed + index, walk)
+                try:
+                    _train_block(block, fakes, estimator, qat, epochs, seed + index, walk)
+                except TrainingDiverged as err:
+                    raise TrainingDiverged(f"block {index + 1} of {len(walk.blocks)}, {err}") from None
                 report.end[index] = _mean_loss(block, walk, qat.block.loss)
                 layers.update(convert_qat(model, fakes))
                 trained = {

@@ -21,6 +21,7 @@ from torch import nn
 
 from qatcli.config import QATConfig
 from qatcli.data.sources import TrainBatches
+from qatcli.errors import TrainingDiverged
 from qatcli.qat.estimators import Estimator
 from qatcli.qat.fake_quant import FakeQuantLinear
 from qatcli.qat.losses import ce_loss, kd_loss
@@ -85,6 +86,8 @@ class Trainer:
         self.correction = GradientCorrection(weights + scales, qat.vr_gamma, beta1) if qat.variance_reduction else None
         estimator.setup(self.calibrate)
         self.step = 0
+        self.skipped = 0  # batches skipped for a loss or gradient that was not finite
+        self.saved_step: int | None = None
 
     def calibrate(self, batches: int) -> None:
         """Forward passes over training windows drawn apart from the training order (for estimators that calibrate)."""
@@ -103,6 +106,7 @@ class Trainer:
     def save_state(self) -> None:
         state = {
             "step": self.step,
+            "skipped": self.skipped,
             "trainable": {k: v.cpu() for k, v in self._trainable().items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -115,6 +119,7 @@ class Trainer:
         tmp = self.workdir / f".{STATE_FILE}.tmp"
         torch.save(state, tmp)
         os.replace(tmp, self.workdir / STATE_FILE)
+        self.saved_step = self.step
 
     def load_state(self) -> None:
         state = torch.load(self.workdir / STATE_FILE, map_location="cpu", weights_only=False)
@@ -132,6 +137,8 @@ class Trainer:
         if state["cuda_rng"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.step = state["step"]
+        self.skipped = state.get("skipped", 0)
+        self.saved_step = self.step
 
     def _loss(self, ids: torch.Tensor) -> torch.Tensor:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
@@ -144,8 +151,23 @@ class Trainer:
                 teacher_logits = self.teacher(ids, use_cache=False).logits
             return kd_loss(self.model(ids, use_cache=False).logits, teacher_logits)
 
+    def _diverged(self, loss: float, grad_norm: float | None) -> bool:
+        """Whether this step must not update: its loss or gradient is not finite. Raises once skips run out."""
+        if math.isfinite(loss) and (grad_norm is None or math.isfinite(grad_norm)):
+            return False
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.skipped >= self.qat.skip_nonfinite:
+            what = f"the loss is {loss:g}" if grad_norm is None else f"the gradient norm is {grad_norm:g}"
+            saved = "no state was saved before it" if self.saved_step is None else f"step {self.saved_step} is saved"
+            raise TrainingDiverged(
+                f"step {self.step + 1}: {what}: training stopped before that update, {saved}; lower the learning "
+                "rates, or skip such batches with --set qat.skip_nonfinite=N"
+            )
+        self.skipped += 1
+        return True
+
     def _step(self) -> tuple[float, float, int]:
-        """One optimizer step: its loss, gradient norm and number of tokens."""
+        """One optimizer step: its loss, gradient norm and number of tokens (a skipped step updates nothing)."""
         total, tokens = 0.0, 0
         self.estimator.before_step(self.step)
         for _ in range(self.qat.grad_accum):
@@ -154,11 +176,16 @@ class Trainer:
             loss.backward()
             total += float(loss.detach())
             tokens += ids.numel()
-        if self.correction is not None:
-            self.correction.apply()
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.qat.clip_grad))
-        self.optimizer.step()
+        skip = self._diverged(total, None)  # before the correction keeps this step's gradients
+        grad_norm = math.nan
+        if not skip:
+            if self.correction is not None:
+                self.correction.apply()
+            params = [p for group in self.optimizer.param_groups for p in group["params"]]
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.qat.clip_grad))
+            skip = self._diverged(total, grad_norm)
+        if not skip:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         self.step += 1
@@ -193,6 +220,8 @@ class Trainer:
                     "step_seconds": time.perf_counter() - t0,
                     "tokens_per_second": tokens_done / (time.perf_counter() - t_start),
                 }
+                if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                    record["skipped"] = True
                 every = self.qat.eval_every
                 if evaluate is not None and every and (self.step % every == 0 or self.step == steps):
                     t_eval = time.perf_counter()
