@@ -11,3 +11,9 @@ class TrainingDiverged(QatcliError):
     """Training met a loss or gradient that is not finite and stopped, its last good state kept: exit status 1."""
 
     exit_code = 1
+
+
+class Interrupted(QatcliError):
+    """Ctrl-C (SIGINT) ended the command; the message says what was kept: exit status 130, the shell's."""
+
+    exit_code = 130

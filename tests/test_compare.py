@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import run_cli
 from PIL import Image
+from safetensors.torch import load_file
 from test_cli import assert_one_line_error
 
 from qatcli import cli
@@ -54,15 +58,15 @@ def compare_in_process(*args: str, capsys: pytest.CaptureFixture[str]) -> subpro
 
 
 def interrupt_at_step(step: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Ctrl-C during QAT training, right after ``step`` (the trainer's on_step hook is where it lands)."""
+    """A real Ctrl-C (SIGINT to this process) during QAT training, as ``step`` ends (from the on_step hook)."""
     train = Trainer.train
 
-    def interrupted(self: Trainer, stop_after: int | None = None, on_step=None) -> None:
+    def interrupted(self: Trainer, stop_after: int | None = None, on_step=None, evaluate=None) -> None:
         def hook(record: dict) -> None:
             if record["step"] == step:
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)
 
-        train(self, stop_after, hook)
+        train(self, stop_after, hook, evaluate)
 
     monkeypatch.setattr(Trainer, "train", interrupted)
 
@@ -95,6 +99,7 @@ def test_interrupted_compare_resumes_and_reuses_finished_cells(
     steps = [json.loads(line)["step"] for line in (qat_dir / "checkpoint" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
     assert not (qat_dir / "checkpoint.run").exists()
+    resumed = {name: load_file(qat_dir / "checkpoint" / name) for name in ("latent.safetensors", "quant.safetensors")}
 
     rows = {r["cell"]: r for r in summary["rows"]}
     fp, rtn, qat = rows["fp"], rows[RTN], rows[QAT]
@@ -138,6 +143,10 @@ def test_interrupted_compare_resumes_and_reuses_finished_cells(
     fresh = compare_in_process(str(recipe), "--max-windows", "2", "--force", capsys=capsys)
     assert fresh.returncode == 0, fresh.stderr
     assert [r["status"] for r in json.loads((out / "compare.json").read_text())["rows"]] == ["new"] * 3
+    # the cell interrupted and resumed above equals this uninterrupted one, tensor for tensor
+    for name, tensors in resumed.items():
+        again = load_file(qat_dir / "checkpoint" / name)
+        assert tensors.keys() == again.keys() and all(torch.equal(tensors[k], again[k]) for k in tensors), name
 
 
 @pytest.mark.parametrize(

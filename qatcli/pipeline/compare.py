@@ -32,7 +32,7 @@ from qatcli.config import Recipe
 from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.tokens import TokenSource
-from qatcli.errors import QatcliError
+from qatcli.errors import Interrupted, QatcliError
 from qatcli.formats.checkpoint import is_checkpoint, read_meta
 from qatcli.formats.packed_model import load_gptq_model
 from qatcli.outputs import atomic_file, write_json_atomic
@@ -335,7 +335,7 @@ def compare_matrix(recipe: Recipe, recipe_path: Path, force: bool) -> Comparison
                 try:
                     row = _run_cell(ctx, cell)
                 except QatcliError as err:
-                    if isinstance(err.__context__, KeyboardInterrupt):  # qat saved its state and said so
+                    if isinstance(err, Interrupted):  # qat saved its state and said so
                         raise KeyboardInterrupt from err
                     raise QatcliError(f"cell {cell.name}: {err}") from err
                 rows.append(row)

@@ -20,7 +20,7 @@ from qatcli.data.models import load_model, resolve_model
 from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.sources import calibration_windows
 from qatcli.data.tokens import TokenSource
-from qatcli.errors import QatcliError, TrainingDiverged
+from qatcli.errors import Interrupted, QatcliError, TrainingDiverged
 from qatcli.formats.checkpoint import (
     base_model_ref,
     is_checkpoint,
@@ -35,7 +35,7 @@ from qatcli.pipeline.ptq import Base, Made, base_meta, evaluate_layers, gptq_lay
 from qatcli.qat.block import BlockReport, saved_blocks, train_blocks
 from qatcli.qat.estimators import make_estimator
 from qatcli.qat.fake_quant import convert_qat, prepare_qat
-from qatcli.qat.trainer import METRICS_FILE, STATE_FILE, Trainer
+from qatcli.qat.trainer import METRICS_FILE, STATE_FILE, InterruptedAtStep, Trainer
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, apply_fake_quant, quantized_bytes
 from qatcli.quant.rtn import quantize_rtn
@@ -133,7 +133,7 @@ def _block_stage(
         layers, report = train_blocks(base.model, layers, windows, t, epochs, recipe.seed, device, workdir)
     except KeyboardInterrupt:
         message = "interrupted in the block stage (finished blocks are kept); continue with --resume"
-        raise QatcliError(message) from None
+        raise Interrupted(message) from None
     return layers, report, epochs
 
 
@@ -167,9 +167,11 @@ def _end_to_end(
 
     try:
         trainer.train(stop_after, evaluate=evaluate)
+    except InterruptedAtStep as stop:
+        raise Interrupted(f"interrupted after step {stop.step}, saved; continue with --resume") from None
     except KeyboardInterrupt:
-        trainer.save_state()
-        raise QatcliError(f"interrupted at step {trainer.step}; continue with --resume") from None
+        saved = "nothing saved yet" if trainer.saved_step is None else f"step {trainer.saved_step} is saved"
+        raise Interrupted(f"interrupted during step {trainer.step + 1}, {saved}; continue with --resume") from None
     if trainer.step < t.steps:
         stderr_console.print(f"stopped after step {trainer.step} of {t.steps}; continue with --resume")
         return None

@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,35 @@ from qatcli.report.progress import progress_bar
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
+
+
+class InterruptedAtStep(Exception):
+    """Ctrl-C came during training: the step under way was finished and the state saved at ``step``."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(step)
+        self.step = step
+
+
+@contextmanager
+def _sigint_after_the_step() -> Iterator[Callable[[], bool]]:
+    """Make the first Ctrl-C a request, answered once the current step is done (a second one stops at once)."""
+    requested = False
+
+    def handler(_signum: int, _frame: Any) -> None:
+        nonlocal requested
+        if requested:
+            raise KeyboardInterrupt
+        requested = True
+
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
@@ -139,6 +170,14 @@ class Trainer:
         self.step = state["step"]
         self.skipped = state.get("skipped", 0)
         self.saved_step = self.step
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop the records of steps after the saved state: the resumed run writes them again."""
+        path = self.workdir / METRICS_FILE
+        if path.is_file():
+            lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
+            path.write_text("".join(line + "\n" for line in lines))
 
     def _loss(self, ids: torch.Tensor) -> torch.Tensor:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
@@ -199,13 +238,20 @@ class Trainer:
     ) -> None:
         """Train until ``qat.steps`` (or ``stop_after`` more steps), saving state every ``qat.save_every``.
 
+        Ctrl-C lets the step under way finish, saves the state as ``--stop-after`` would have, and raises
+        InterruptedAtStep; a second Ctrl-C raises KeyboardInterrupt at once (the last saved state stays).
+
         With ``evaluate`` (the perplexity of the model as it computes now), every ``qat.eval_every`` steps'
         record carries ``eval_ppl``; its time is left out of the step's time and the token rate.
         """
         steps = self.qat.steps
         self.model.train()
         last = steps if stop_after is None else min(steps, self.step + stop_after)
-        with progress_bar() as progress, (self.workdir / METRICS_FILE).open("a") as log:
+        with (
+            _sigint_after_the_step() as stop_requested,
+            progress_bar() as progress,
+            (self.workdir / METRICS_FILE).open("a") as log,
+        ):
             task = progress.add_task("qat", total=steps, completed=self.step, unit="step")
             t_start, tokens_done = time.perf_counter(), 0
             while self.step < last:
@@ -235,6 +281,8 @@ class Trainer:
                 progress.update(task, advance=1, description=f"qat loss {loss:.4f} {speed:.0f} tok/s")
                 if on_step is not None:
                     on_step(record)
-                if self.step % self.qat.save_every == 0 or self.step == last:
+                if self.step % self.qat.save_every == 0 or self.step == last or stop_requested():
                     self.save_state()
+                if stop_requested() and self.step < last:
+                    raise InterruptedAtStep(self.step)
         self.model.eval()
