@@ -1,5 +1,3 @@
-import sys
+from qatcli.entry import run
 
-from qatcli.cli import main
-
-sys.exit(main())
+run()

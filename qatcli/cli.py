@@ -16,10 +16,9 @@ from typing import Annotated, Any
 import typer
 
 from qatcli.config import Recipe
+from qatcli.entry import INTERRUPTED
 from qatcli.errors import QatcliError
 from qatcli.recipe import field_help, load_recipe, parse_assignments
-
-INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
 
 app = typer.Typer(
     help="Quantize Hugging Face causal LMs to 2-8 bits and measure what each method costs.",

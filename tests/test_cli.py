@@ -338,6 +338,18 @@ def test_ctrl_c_is_one_line_and_status_130(tiny_model_dir: Path, tmp_path: Path)
     assert not list((tmp_path / "cache").rglob("tokens.safetensors"))
 
 
+def test_ctrl_c_while_the_libraries_load_is_one_line_and_status_130(tiny_model_dir: Path) -> None:
+    args = [sys.executable, "-m", "qatcli", "eval", str(tiny_model_dir), "--data", "generated:4000:256"]
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    while _cpu_seconds(proc.pid) < 0.3:  # past the interpreter's start, inside the import of torch (about 2 s)
+        assert proc.poll() is None, "qatcli ended before it could be interrupted"
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "qatcli: interrupted" and "Traceback" not in stderr
+
+
 def test_group_size_auto_by_default(tiny_model_dir: Path, tmp_path: Path) -> None:
     """The tiny model's widths are 64 and 128: auto resolves to 64, and the checkpoint records 64."""
     out = tmp_path / "auto"
