@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -255,3 +256,28 @@ def test_a_diverging_block_stage_stops_and_keeps_its_finished_blocks(
     assert result.returncode == 1
     assert_one_line_error(result, "the loss is nan: the block stage stopped before that update")
     assert not out.exists() and (tmp_path / "qat.run" / "blocks").is_dir()
+
+
+def test_resume_refuses_other_settings_or_data_and_takes_harmless_changes(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "train.txt"
+    data.write_text((sotu / "valid.txt").read_text())
+    out = tmp_path / "qat"
+
+    def qat(*extra: str) -> subprocess.CompletedProcess:
+        return run_cli(*qat_args(tiny_model_dir, sotu, out, "--data", str(data), *extra))
+
+    assert qat("--steps", "6", "--stop-after", "3").returncode == 0
+    for extra, fragment in [
+        (["--bits", "3"], "quant.bits (2 -> 3)"),
+        (["--lr", "0.002", "--estimator", "fourier"], "qat.estimator (ste -> fourier); qat.lr (0.001 -> 0.002)"),
+        (["--steps", "2"], "the run is at step 3, past --steps 2"),
+    ]:
+        assert_one_line_error(qat("--steps", "6", "--resume", *extra), fragment)
+    data.write_text((sotu / "valid.txt").read_text()[:-2000])
+    assert_one_line_error(qat("--steps", "6", "--resume"), "the training data")
+    data.write_text((sotu / "valid.txt").read_text())
+    done = qat("--steps", "8", "--resume", "--save-every", "2", "--eval-data", str(sotu / "test.txt"))
+    assert done.returncode == 0, done.stderr
+    assert "resuming at step 3 of 8" in done.stderr and (out / "qatcli.json").is_file()

@@ -16,7 +16,7 @@ from typing import Any
 
 from qatcli.config import Recipe
 from qatcli.errors import QatcliError
-from qatcli.recipe import as_list, load_recipe
+from qatcli.recipe import as_list, flatten, load_recipe
 
 PTQ_CELL_METHODS = ("rtn", "gptq")
 
@@ -85,21 +85,11 @@ def expand(recipe: Recipe, auto_group_size: int | None = None) -> list[Cell]:
     return cells
 
 
-def _dotted(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_dotted(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def cell_recipe(base: Recipe, cell: Cell, directory: Path) -> Recipe:
     """The ptq or qat recipe of ``cell``: checkpoint in ``directory/checkpoint``, export in ``directory/gptq``."""
     shared = base.to_dict()
     del shared["compare"]
-    values = _dotted(shared)
+    values = flatten(shared)
     values.update(
         {
             "output": str(directory / "checkpoint"),

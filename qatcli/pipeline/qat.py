@@ -32,6 +32,7 @@ from qatcli.formats.checkpoint import (
 from qatcli.outputs import atomic_dir, write_json_atomic
 from qatcli.pipeline.inputs import Problems
 from qatcli.pipeline.ptq import Base, Made, base_meta, evaluate_layers, gptq_layers, load_base
+from qatcli.pipeline.resume import check_resumed_run, record_run
 from qatcli.qat.block import BlockReport, saved_blocks, train_blocks
 from qatcli.qat.estimators import make_estimator
 from qatcli.qat.fake_quant import convert_qat, prepare_qat
@@ -157,6 +158,8 @@ def _end_to_end(
     trainer = Trainer(base.model, fakes, estimator, teacher, tokens, t, recipe.seed, device, workdir)
     if (workdir / STATE_FILE).is_file():
         trainer.load_state()
+        if trainer.step > t.steps:
+            raise QatcliError(f"--resume: the run is at step {trainer.step}, past --steps {t.steps}")
         stderr_console.print(f"resuming at step {trainer.step} of {t.steps}")
     evaluate = None
     if recipe.eval.data is not None and t.eval_every:
@@ -233,6 +236,10 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
     base, layers, source = _initial_model(recipe, device)
     tokens = source.tokens(t.data, "train")
     workdir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        check_resumed_run(workdir, recipe, tokens)
+    else:
+        record_run(workdir, recipe, tokens)
     before = None
     if recipe.eval.data is not None:
         if (workdir / BEFORE_FILE).is_file():

@@ -1,0 +1,61 @@
+"""What a resumed QAT run must share with the run it continues: the recipe and the training data.
+
+A run records both in its run directory when it starts. ``--resume`` compares them with the resumed
+invocation's and refuses any difference, except in the keys that cannot change the trained weights (how
+often to save or evaluate, evaluation and export settings, the device) and the step count, which may not
+fall below the saved step (the schedule follows the new count).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from fnmatch import fnmatch
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qatcli.config import Recipe
+from qatcli.errors import QatcliError
+from qatcli.outputs import write_json_atomic
+from qatcli.recipe import flatten
+
+RUN_RECORD_FILE = "run.json"
+MAY_CHANGE = (
+    *("qat.steps", "qat.save_every", "qat.eval_every", "qat.skip_nonfinite"),
+    *("eval.*", "export.*", "device", "compare.*"),
+)
+
+
+def tokens_sha256(tokens: torch.Tensor) -> str:
+    return hashlib.sha256(tokens.cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def record_run(workdir: Path, recipe: Recipe, tokens: torch.Tensor) -> None:
+    write_json_atomic(workdir / RUN_RECORD_FILE, {"recipe": recipe.to_dict(), "data_sha256": tokens_sha256(tokens)})
+
+
+def _shown(value: Any) -> str:
+    return json.dumps(value) if not isinstance(value, str) else value
+
+
+def check_resumed_run(workdir: Path, recipe: Recipe, tokens: torch.Tensor) -> None:
+    """Refuse to continue a run with settings or data other than its own (a run without a record passes)."""
+    path = workdir / RUN_RECORD_FILE
+    if not path.is_file():
+        return
+    record = json.loads(path.read_text())
+    before, now = flatten(record["recipe"]), flatten(recipe.to_dict())
+    changed = [
+        f"{key} ({_shown(before.get(key))} -> {_shown(now.get(key))})"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key) and not any(fnmatch(key, p) for p in MAY_CHANGE)
+    ]
+    if record["data_sha256"] != tokens_sha256(tokens):
+        changed.append(f"the training data ({recipe.qat.data} reads other tokens than the run's)")
+    if changed:
+        raise QatcliError(
+            "--resume: the run was started with other settings: " + "; ".join(changed) + " (use the run's "
+            "settings, or --force to start over)"
+        )
