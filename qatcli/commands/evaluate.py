@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from qatcli.config import Recipe
-from qatcli.outputs import check_writable, write_json_atomic
+from qatcli.outputs import check_output, write_json_atomic
 from qatcli.pipeline.evaluate import evaluate_models
 from qatcli.report.table import human_bytes, print_table
 
@@ -14,7 +14,7 @@ from qatcli.report.table import human_bytes, print_table
 def run_eval(recipe: Recipe, models: list[str], json_path: Path | None, force: bool) -> list[dict[str, Any]]:
     models = models or recipe.eval.models or ([recipe.model] if recipe.model else [])
     if json_path is not None:
-        check_writable(json_path, force)
+        check_output(json_path, force, "file", tuple(Path(m) for m in models if Path(m).exists()))
     rows = evaluate_models(recipe, models)
     print_table(
         f"perplexity on {recipe.eval.data}",

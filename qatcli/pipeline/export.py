@@ -17,7 +17,8 @@ def check_export(recipe: Recipe, checkpoint: str | None, force: bool) -> tuple[P
         problems.add("no checkpoint: give CHECKPOINT or set 'output' (the ptq/qat output) in the recipe")
     elif not is_checkpoint(Path(checkpoint)):
         problems.add(f"'{checkpoint}' is not a qatcli checkpoint directory (no qatcli.json)")
-    problems.output(recipe.export.output, force, "no export directory: pass -o DIR or set export.output in the recipe")
+    missing = "no export directory: pass -o DIR or set export.output in the recipe"
+    problems.output(recipe.export.output, force, missing, inputs=(checkpoint,))
     problems.raise_if_any()
     assert checkpoint is not None and recipe.export.output is not None
     return Path(checkpoint), Path(recipe.export.output)

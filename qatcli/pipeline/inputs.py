@@ -9,7 +9,7 @@ from pathlib import Path
 from qatcli.data.models import ModelRef, resolve_model
 from qatcli.data.sources import check_data_spec
 from qatcli.errors import QatcliError
-from qatcli.outputs import check_writable
+from qatcli.outputs import check_output
 
 
 class Problems:
@@ -51,9 +51,13 @@ class Problems:
         with self.check():
             check_data_spec(spec)
 
-    def output(self, path: str | Path | None, force: bool, missing: str) -> None:
+    def output(
+        self, path: str | Path | None, force: bool, missing: str, inputs: tuple[str | Path | None, ...] = ()
+    ) -> None:
+        """An output directory that can be written, and is not (inside) one of the local ``inputs``."""
         if path is None:
             self.add(missing)
             return
+        local = tuple(Path(p) for p in inputs if p is not None and Path(p).exists())
         with self.check():
-            check_writable(Path(path), force)
+            check_output(Path(path), force, "directory", local)

@@ -82,7 +82,8 @@ def check_ptq(recipe: Recipe, force: bool) -> ModelRef:
     """Every input problem of a ptq run at once; the base model's reference when there is none."""
     problems = Problems()
     ref = problems.model(recipe.model, "give MODEL on the command line or set 'model' in the recipe")
-    problems.output(recipe.output, force, "no output directory: pass -o DIR or set 'output' in the recipe")
+    missing = "no output directory: pass -o DIR or set 'output' in the recipe"
+    problems.output(recipe.output, force, missing, inputs=(recipe.model,))
     if recipe.quant.method == "gptq":
         problems.data(
             recipe.calib.data, "gptq needs calibration data: pass --calib-data or set calib.data in the recipe"

@@ -75,7 +75,7 @@ def check_qat(recipe: Recipe, force: bool, resume: bool) -> None:
         if resume and not can_resume(out):
             problems.add(f"nothing to resume: no saved state in '{run_dir(out)}'")
         if not resume:
-            problems.output(out, force, "")
+            problems.output(out, force, "", inputs=(recipe.model, None if t.init in INITS else t.init))
             if run_dir(out).exists() and not force:
                 problems.add(
                     f"an unfinished run is in '{run_dir(out)}': pass --resume to continue it or --force to start over"

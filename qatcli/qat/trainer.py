@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import threading
 import time
@@ -24,6 +23,7 @@ from torch import nn
 from qatcli.config import QATConfig
 from qatcli.data.sources import TrainBatches
 from qatcli.errors import TrainingDiverged
+from qatcli.outputs import atomic_file
 from qatcli.qat.estimators import Estimator
 from qatcli.qat.fake_quant import FakeQuantLinear
 from qatcli.qat.losses import ce_loss, kd_loss
@@ -147,9 +147,8 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
-        tmp = self.workdir / f".{STATE_FILE}.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.workdir / STATE_FILE)
+        with atomic_file(self.workdir / STATE_FILE) as tmp:
+            torch.save(state, tmp)
         self.saved_step = self.step
 
     def load_state(self) -> None:
