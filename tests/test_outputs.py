@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -99,3 +101,66 @@ def test_a_dead_runs_temporary_siblings_are_removed_and_a_live_ones_kept(tmp_pat
     other.mkdir()
     check_output(out, force=False)
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def _corrupt(path: Path, how: str) -> None:
+    if how == "truncated":
+        with path.open("r+b") as f:
+            f.truncate(path.stat().st_size // 2)
+    else:
+        path.write_bytes(b"not a safetensors file")
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_a_damaged_base_model_is_one_line_in_every_command(tiny_model_dir: Path, tmp_path: Path, how: str) -> None:
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    _corrupt(base / "model.safetensors", how)
+    data = ["--data", "generated:5:32"]
+    for args in (
+        rtn(base, tmp_path / "q"),
+        ["eval", str(base), *data],
+        ["qat", str(base), "--bits", "4", *data, "--steps", "1", "-o", str(tmp_path / "t")],
+    ):
+        result = run_cli(*args)
+        assert result.returncode == 2
+        assert_one_line_error(result, "could not load model")
+
+
+@pytest.mark.parametrize("damaged", ["quant.safetensors", "latent.safetensors"])
+def test_a_damaged_checkpoint_is_one_line_in_eval_and_export(
+    tiny_model_dir: Path, tmp_path: Path, damaged: str
+) -> None:
+    made = run_cli(
+        "qat",
+        str(tiny_model_dir),
+        "--bits",
+        "4",
+        "--data",
+        "generated:5:32",
+        "--steps",
+        "1",
+        "--seqlen",
+        "16",
+        "--batch-size",
+        "1",
+        "-o",
+        str(tmp_path / "q"),
+    )
+    assert made.returncode == 0, made.stderr
+    _corrupt(tmp_path / "q" / damaged, "truncated")
+    for args in (
+        ["eval", str(tmp_path / "q"), "--data", "generated:5:32"],
+        ["export", str(tmp_path / "q"), "-o", str(tmp_path / "e")],
+    ):
+        assert_one_line_error(run_cli(*args), f"cannot read {damaged}")
+
+
+def test_a_checkpoint_whose_layers_disagree_with_its_bits_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
+    made = run_cli(*rtn(tiny_model_dir, tmp_path / "q"))
+    assert made.returncode == 0, made.stderr
+    meta_path = tmp_path / "q" / "qatcli.json"
+    meta = json.loads(meta_path.read_text())
+    meta["quantization"]["bits"] = 2
+    meta_path.write_text(json.dumps(meta))
+    assert_one_line_error(run_cli("export", str(tmp_path / "q"), "-o", str(tmp_path / "e")), "disagrees with")

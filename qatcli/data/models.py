@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
@@ -108,7 +109,7 @@ def load_model(ref: ModelRef, device: torch.device) -> nn.Module:
     """Load the model in float32 (quantization and eval are done in fp32) on ``device``, in eval mode."""
     try:
         model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=torch.float32)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         where = "from the Hugging Face hub" if ref.kind == "hub" else f"from '{ref.location}'"
         raise QatcliError(f"could not load model '{ref.spec}' {where}: {_first_line(err)}") from err
     return model.to(device).eval()

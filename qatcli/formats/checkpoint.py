@@ -95,8 +95,11 @@ def _base_tensor_files(ref: ModelRef) -> dict[str, Path]:
     found: dict[str, Path] = {}
     for path in base_weight_files(ref):
         if path.suffix == ".safetensors":
-            with safe_open(str(path), framework="pt") as f:
-                found.update(dict.fromkeys(f.keys(), path))
+            try:
+                with safe_open(str(path), framework="pt") as f:
+                    found.update(dict.fromkeys(f.keys(), path))
+            except SafetensorError as err:
+                raise QatcliError(f"cannot read the base model's weights '{path}': {err}") from err
     return found
 
 
@@ -231,6 +234,10 @@ def _read_layers(path: Path, meta: dict[str, Any], modules: dict[str, nn.Module]
             scales, zeros, g_idx = (tensors[f"{name}.{k}"] for k in ("scales", "zeros", "g_idx"))
         except (KeyError, ValueError) as err:
             raise QatcliError(f"{where}: incomplete or invalid quantization data ({err})") from err
+        top = meta.get("quantization", {})
+        stated = {k: top[k] for k in ("bits", "group_size", "sym") if k in top}
+        if any(info[k] != v for k, v in stated.items()):
+            raise QatcliError(f"{where}: its grid {spec} disagrees with the checkpoint's quantization {stated}")
         out_f, in_f = module.weight.shape
         if (info["in_features"], info["out_features"]) != (in_f, out_f):
             raise QatcliError(
@@ -286,7 +293,7 @@ def _load_model(path: Path, meta: dict[str, Any]) -> nn.Module:
         if meta["format_version"] != 1:
             config = AutoConfig.from_pretrained(path)  # the architecture the checkpoint was made with
         model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:
         raise QatcliError(f"checkpoint '{path}': cannot load its model ({str(err).splitlines()[0]})") from err
     model.config.name_or_path = str(path)  # the model is the checkpoint's, as an export's config.json records
     return model
