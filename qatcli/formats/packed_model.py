@@ -69,18 +69,26 @@ def read_gptq_config(directory: Path) -> dict[str, Any] | None:
     return None
 
 
-def _checked_config(directory: Path, qcfg: dict[str, Any]) -> tuple[int, str]:
+def _checked_config(directory: Path, qcfg: dict[str, Any]) -> tuple[int, str, int]:
+    """Bits, format and group size of a GPTQ config, each checked in type and value."""
     bits = qcfg.get("bits")
     fmt = qcfg.get("checkpoint_format", qcfg.get("format", "gptq"))
-    if bits not in SUPPORTED_BITS:
+    group_size = qcfg.get("group_size", -1)
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise QatcliError(f"'{directory}': GPTQ bits {bits!r} not supported (2, 3, 4 or 8)")
-    if fmt not in FORMATS:
+    if not isinstance(fmt, str) or fmt not in FORMATS:
         raise QatcliError(f"'{directory}': checkpoint format {fmt!r} not supported ({', '.join(FORMATS)})")
-    if qcfg.get("dynamic"):
-        skipped = all(k.startswith("-:") for k in qcfg["dynamic"])
-        if not skipped:
+    if group_size is None:
+        group_size = -1
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+        raise QatcliError(f"'{directory}': group_size {group_size!r} is not -1 or a positive integer")
+    dynamic = qcfg.get("dynamic")
+    if dynamic is not None and dynamic != {}:
+        if not isinstance(dynamic, dict) or not all(isinstance(k, str) for k in dynamic):
+            raise QatcliError(f"'{directory}': 'dynamic' must map module patterns to overrides, got {dynamic!r}")
+        if not all(k.startswith("-:") for k in dynamic):
             raise QatcliError(f"'{directory}': per-module bit widths ('dynamic' overrides) are not supported")
-    return bits, fmt
+    return bits, fmt, group_size
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -109,7 +117,7 @@ def load_gptq_model(directory: Path, device: torch.device) -> tuple[nn.Module, P
     qcfg = read_gptq_config(directory)
     if qcfg is None:
         raise QatcliError(f"'{directory}' is not a GPTQ-format model (no quantization_config with quant_method gptq)")
-    bits, fmt = _checked_config(directory, qcfg)
+    bits, fmt, group_size = _checked_config(directory, qcfg)
     try:
         config = AutoConfig.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -127,8 +135,9 @@ def load_gptq_model(directory: Path, device: torch.device) -> tuple[nn.Module, P
         if not isinstance(linear, nn.Linear):
             raise QatcliError(f"'{directory}': packed tensors for '{name}', which is not a Linear layer of the model")
         out_f, in_f = linear.out_features, linear.in_features
-        group_size = qcfg.get("group_size", -1)
-        groups = in_f // group_size if group_size not in (-1, None) else 1
+        if group_size != -1 and in_f % group_size:
+            raise QatcliError(f"'{directory}': group_size {group_size} does not divide {name}'s {in_f} inputs")
+        groups = in_f // group_size if group_size != -1 else 1
         try:
             packed = PackedLayer(*(tensors.pop(f"{name}.{k}") for k in TENSOR_SUFFIXES))
         except KeyError as err:
