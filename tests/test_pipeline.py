@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -158,3 +159,31 @@ def test_the_design_card_commands_run_as_typed(tiny_model_dir: Path, tmp_path: P
     assert meta["qat"]["block"]["epochs"] == 2 and meta["metrics"]["steps"] == 100
     losses = meta["metrics"]["block_loss"]
     assert all(losses["end"][k] < losses["start"][k] for k in losses["start"])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_9_at_a_random_step_then_resume_equals_an_uninterrupted_run(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path, seed: int
+) -> None:
+    steps = 40
+    args = ["--steps", str(steps), "--save-every", "3"]
+    whole = run_cli(*qat_cmd(tiny_model_dir, sotu, tmp_path / "whole", *args))
+    assert whole.returncode == 0, whole.stderr
+
+    out = tmp_path / "qat"
+    kill_after = random.Random(seed).randrange(2, steps - 2)  # records written, so anywhere inside a save period
+    proc = subprocess.Popen([sys.executable, "-m", "qatcli", *qat_cmd(tiny_model_dir, sotu, out, *args)])
+    metrics = out.with_name("qat.run") / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= kill_after):
+        assert proc.poll() is None and time.monotonic() < deadline, "qat ended before it could be killed"
+        time.sleep(0.005)
+    proc.kill()
+    proc.wait()
+    resumed = run_cli(*qat_cmd(tiny_model_dir, sotu, out, *args), "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    for name in ("latent.safetensors", "quant.safetensors"):
+        a, b = load_file(tmp_path / "whole" / name), load_file(out / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    records = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert records == list(range(1, steps + 1))
