@@ -283,6 +283,13 @@ class Recipe:
         default=None, metadata=doc("Output directory: the checkpoint of ptq and qat, the directory of compare")
     )
     seed: int = field(default=0, metadata=doc("Random seed"))
+    deterministic: bool = field(
+        default=False,
+        metadata=doc(
+            "torch's deterministic algorithms only (on CUDA slower; on the CPU results still depend on the "
+            "thread count, recorded in every output)"
+        ),
+    )
     device: str = field(default="auto", metadata=doc("auto (CUDA if present), cpu, cuda or cuda:N"))
     quant: QuantConfig = field(
         default_factory=QuantConfig, metadata=doc("Which layers are quantized and to which grid")

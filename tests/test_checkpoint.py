@@ -192,3 +192,15 @@ def test_qat_changes_nothing_but_what_the_checkpoint_stores(base_dir: Path, tmp_
     assert result.exit_code == 0, result.output
     assert len(checked) == 1 and len(checked[0]) == 14
     assert {info["latent"] for info in read_meta(out)["layers"].values()} == {"stored"}
+
+
+def test_provenance_records_threads_versions_and_the_deterministic_mode(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from conftest import run_cli
+
+    for extra, deterministic in (([], False), (["--set", "deterministic=true"], True)):
+        out = tmp_path / f"q{deterministic}"
+        made = run_cli("ptq", str(tiny_model_dir), "--bits", "4", "-o", str(out), *extra)
+        assert made.returncode == 0, made.stderr
+        prov = read_meta(out)["provenance"]
+        assert prov["deterministic"] is deterministic and prov["threads"] >= 1
+        assert prov["torch"] == torch.__version__ and prov["python"]

@@ -55,6 +55,9 @@ def provenance(command: str, device: torch.device, seed: int) -> dict[str, Any]:
         "qatcli": __version__,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
     }
 
 

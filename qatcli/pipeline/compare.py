@@ -146,7 +146,7 @@ def _fp_row(ctx: Context, cells: list[Cell]) -> dict[str, Any]:
     cached = _read_json(path)
     if cached is not None and cached.get("eval_key") == key:
         return {**cached["row"], "status": "reused"}
-    seed_everything(r.seed)
+    seed_everything(r.seed, r.deterministic)
     model = load_model(ctx.ref, ctx.device)
     tokenizer = load_tokenizer(ctx.ref)
     targets = find_targets(model, r.quant.include, r.quant.exclude)
@@ -207,7 +207,7 @@ def _make_checkpoint(cell: Cell, recipe: Recipe, directory: Path, state: dict[st
 
 def _evaluate_export(ctx: Context, cell: Cell, export: Path) -> dict[str, Any]:
     r = ctx.recipe
-    seed_everything(r.seed)
+    seed_everything(r.seed, r.deterministic)
     t0 = time.perf_counter()
     model, tokenizer, _ = load_gptq_model(export, ctx.device)
     source = TokenSource(tokenizer, ctx.ref, r.seed, ctx.device)

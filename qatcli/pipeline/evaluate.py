@@ -107,7 +107,7 @@ def evaluate_models(recipe: Recipe, models: list[str]) -> list[dict[str, Any]]:
     assert recipe.eval.data is not None
     rows = []
     for spec in models:
-        seed_everything(recipe.seed)
+        seed_everything(recipe.seed, recipe.deterministic)
         t0 = time.perf_counter()
         loaded = load_for_eval(spec, device)
         source = TokenSource(loaded.tokenizer, loaded.base, recipe.seed, device)

@@ -115,7 +115,7 @@ def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
     ref = check_ptq(recipe, force)
     out = Path(str(recipe.output))
     device = resolve_device(recipe.device)
-    seed_everything(recipe.seed)
+    seed_everything(recipe.seed, recipe.deterministic)
 
     t0 = time.perf_counter()
     base = load_base(recipe, ref, device)

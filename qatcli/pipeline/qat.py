@@ -228,7 +228,7 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
     if not resume and workdir.exists():
         shutil.rmtree(workdir)
     device = resolve_device(recipe.device)
-    seed_everything(recipe.seed)
+    seed_everything(recipe.seed, recipe.deterministic)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
