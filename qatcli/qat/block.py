@@ -48,12 +48,14 @@ def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tens
 
 
 @torch.no_grad()
-def _mean_loss(block: nn.Module, walk: BlockWalk, kind: str) -> float:
-    losses = [
-        block_loss(run_block(block, hidden, kwargs), target, kind).item()
-        for (hidden, kwargs), target in zip(walk.inputs, walk.fp_outputs, strict=True)
-    ]
+def _losses(outputs: list[torch.Tensor], targets: list[torch.Tensor], kind: str) -> float:
+    losses = [block_loss(out, target, kind).item() for out, target in zip(outputs, targets, strict=True)]
     return sum(losses) / len(losses)
+
+
+@torch.no_grad()
+def _mean_loss(block: nn.Module, walk: BlockWalk, kind: str) -> float:
+    return _losses([run_block(block, hidden, kwargs) for hidden, kwargs in walk.inputs], walk.fp_outputs, kind)
 
 
 @torch.no_grad()
@@ -157,7 +159,6 @@ def train_blocks(
                     _train_block(block, fakes, estimator, qat, epochs, seed + index, walk)
                 except TrainingDiverged as err:
                     raise TrainingDiverged(f"block {index + 1} of {len(walk.blocks)}, {err}") from None
-                report.end[index] = _mean_loss(block, walk, qat.block.loss)
                 layers.update(convert_qat(model, fakes))
                 trained = {
                     n: {"weight": modules[n].weight.detach().cpu().clone(), "scales": layers[n].scales} for n in names
@@ -166,6 +167,8 @@ def train_blocks(
                     torch.save(trained, tmp)
                 modules = dict(model.named_modules())
             latent.update(apply_fake_quant(model, {n: layers[n] for n in names}))  # what the next block sees
+            if index in report.start:  # on the outputs the next block receives, computed once for both
+                report.end[index] = _losses(walk.outputs(), walk.fp_outputs, qat.block.loss)
             loss = f": loss {report.start[index]:.4g} -> {report.end[index]:.4g}" if index in report.end else ""
             progress.update(task, advance=1, description=f"block {index + 1}/{len(walk.blocks)}{loss}")
     with torch.no_grad():

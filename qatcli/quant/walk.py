@@ -67,7 +67,8 @@ class BlockWalk:
     """Walk ``windows`` ([n, seqlen] tokens) through the blocks of ``model``, ``batch_size`` windows a batch.
 
     Iterating yields (index, name prefix, block) with ``inputs`` holding what reaches that block; when the
-    caller asks for the next block, the current one (as the caller left it) turns them into the next inputs.
+    caller asks for the next block, the current one (as the caller left it) turns them into the next inputs,
+    or the outputs the caller already asked for with ``outputs()`` (it must not change the block after).
     With ``keep_fp``, ``fp_outputs`` holds the block's outputs before the caller changed anything, computed
     from the full-precision stream of activations (the unchanged model's own).
     """
@@ -84,20 +85,29 @@ class BlockWalk:
             self.inputs: Activations = _block_inputs(model, self.blocks[0], windows, batch_size, device)
         self.fp_inputs: Activations = list(self.inputs) if keep_fp else []
         self.fp_outputs: list[torch.Tensor] = []
+        self._block: nn.Module | None = None
+        self._outputs: list[torch.Tensor] | None = None
 
     @torch.no_grad()
-    def _advance(self, block: nn.Module, acts: Activations) -> Activations:
-        return [(run_block(block, hidden, kwargs), kwargs) for hidden, kwargs in acts]
+    def outputs(self) -> list[torch.Tensor]:
+        """The current block's outputs on its inputs, computed once: they become the next block's inputs."""
+        if self._outputs is None:
+            assert self._block is not None
+            self._outputs = [run_block(self._block, hidden, kwargs) for hidden, kwargs in self.inputs]
+        return self._outputs
 
     def __iter__(self) -> Iterator[tuple[int, str, nn.Module]]:
         last = len(self.blocks) - 1
         for index, block in enumerate(self.blocks):
             block.to(self.device)
+            self._block, self._outputs = block, None
             if self.keep_fp:
-                self.fp_outputs = [h for h, _ in self._advance(block, self.fp_inputs)]
+                with torch.no_grad():
+                    self.fp_outputs = [run_block(block, hidden, kwargs) for hidden, kwargs in self.fp_inputs]
             yield index, f"{self.prefix}.{index}.", block
             if index < last:  # nothing reads the last block's outputs
-                self.inputs = self._advance(block, self.inputs)
+                self.inputs = [(h, kw) for h, (_, kw) in zip(self.outputs(), self.inputs, strict=True)]
                 if self.keep_fp:
                     self.fp_inputs = [(h, kw) for h, (_, kw) in zip(self.fp_outputs, self.fp_inputs, strict=True)]
+            self._block, self._outputs = None, None
             block.to("cpu")
