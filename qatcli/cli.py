@@ -84,6 +84,7 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
         "damp": "gptq.damp",
         "block_size": "gptq.block_size",
         "act_order": "gptq.act_order",
+        "act_group_aware": "gptq.act_group_aware",
         "static_groups": "gptq.static_groups",
         "true_sequential": "gptq.true_sequential",
         **EVAL_KEYS,
@@ -152,6 +153,9 @@ def ptq(
     damp: Annotated[float | None, flag("gptq.damp")] = None,
     block_size: Annotated[int | None, flag("gptq.block_size")] = None,
     act_order: Annotated[bool | None, flag("gptq.act_order", "--act-order/--no-act-order")] = None,
+    act_group_aware: Annotated[
+        bool | None, flag("gptq.act_group_aware", "--act-group-aware/--no-act-group-aware")
+    ] = None,
     static_groups: Annotated[bool | None, flag("gptq.static_groups", "--static-groups/--no-static-groups")] = None,
     true_sequential: Annotated[
         bool | None, flag("gptq.true_sequential", "--true-sequential/--no-true-sequential")

@@ -85,6 +85,13 @@ class GPTQOptions:
     act_order: bool = field(
         default=False, metadata=doc("GPTQ desc_act: quantize columns by descending Hessian diagonal")
     )
+    act_group_aware: bool = field(
+        default=False,
+        metadata=doc(
+            "GPTQ group-aware reordering (GPTQModel's act_group_aware): groups by their largest Hessian diagonal, "
+            "columns by descending diagonal inside each; g_idx stays trivial, so every kernel reads the export"
+        ),
+    )
     static_groups: bool = field(
         default=False, metadata=doc("GPTQ group parameters from the original weights, before any update")
     )
@@ -101,6 +108,7 @@ class GPTQOptions:
         return {
             "damp_percent": self.damp,
             "desc_act": self.act_order,
+            "act_group_aware": self.act_group_aware,
             "static_groups": self.static_groups,
             "true_sequential": self.true_sequential,
             "block_size": self.block_size,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
@@ -14,5 +15,8 @@ def run() -> None:
         status = main()
     except KeyboardInterrupt:
         print("qatcli: interrupted", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # at once: libraries interrupted halfway through their import can turn a normal exit into SIGINT's
+        os._exit(INTERRUPTED)
     sys.exit(status)

@@ -7,11 +7,12 @@ import torch
 
 from qatcli.config import GPTQOptions
 from qatcli.errors import QatcliError
-from qatcli.quant.gptq import HessianAccumulator, gptq_quantize, inverse_cholesky
+from qatcli.quant.gptq import HessianAccumulator, gptq_quantize, group_aware_order, inverse_cholesky
 from qatcli.quant.gptq_model import sequential_groups
 from qatcli.quant.grid import QuantSpec, default_g_idx, dequantize, fake_quantize, group_qparams, quantize
 
 OUT, IN, TOKENS = 64, 256, 2048
+ORDERS = {"plain": {}, "act_order": {"act_order": True}, "group_aware": {"act_group_aware": True}}
 
 
 @pytest.fixture(scope="module")
@@ -35,26 +36,26 @@ def test_hessian_is_two_over_n_sum_xxT(layer) -> None:
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [-1, 32])
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("static_groups", [False, True])
-def test_gptq_reconstructs_the_output_better_than_rtn(layer, bits, group_size, act_order, static_groups) -> None:
+def test_gptq_reconstructs_the_output_better_than_rtn(layer, bits, group_size, order, static_groups) -> None:
     W, X, H = layer
     spec = QuantSpec(bits, group_size, sym=True)
     scales, zeros = group_qparams(W, spec)
     rtn = fake_quantize(W, scales, zeros, default_g_idx(IN, group_size), spec.maxq)
-    result = gptq_quantize(W, H, spec, GPTQOptions(act_order=act_order, static_groups=static_groups), "minmax")
+    result = gptq_quantize(W, H, spec, GPTQOptions(**ORDERS[order], static_groups=static_groups), "minmax")
     rtn_error = ((W - rtn) @ X.T).norm()
     gptq_error = ((W - result.weight) @ X.T).norm()
     assert gptq_error < 0.9 * rtn_error, (float(gptq_error), float(rtn_error))
 
 
-@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("group_size", [-1, 32, 64])
 @pytest.mark.parametrize("sym", [True, False])
-def test_weights_are_grid_points_of_the_recorded_grid(layer, act_order, group_size, sym) -> None:
+def test_weights_are_grid_points_of_the_recorded_grid(layer, order, group_size, sym) -> None:
     W, _, H = layer
     spec = QuantSpec(3, group_size, sym)
-    result = gptq_quantize(W, H, spec, GPTQOptions(act_order=act_order, block_size=48), "minmax")
+    result = gptq_quantize(W, H, spec, GPTQOptions(**ORDERS[order], block_size=48), "minmax")
     groups = spec.num_groups(IN)
     assert result.scales.shape == result.zeros.shape == (OUT, groups)
     assert sorted(torch.bincount(result.g_idx.long()).tolist()) == [spec.effective_group_size(IN)] * groups
@@ -68,6 +69,19 @@ def test_act_order_without_groups_changes_the_order_only(layer) -> None:
     W, _, H = layer
     result = gptq_quantize(W, H, QuantSpec(4, 32), GPTQOptions(act_order=True), "minmax")
     assert not torch.equal(result.g_idx, default_g_idx(IN, 32))  # groups follow the processing order
+
+
+@pytest.mark.parametrize("group_size", [-1, 32])
+def test_group_aware_order_is_plain_gptq_on_the_reordered_columns(layer, group_size) -> None:
+    W, _, H = layer
+    spec = QuantSpec(3, group_size)
+    result = gptq_quantize(W, H, spec, GPTQOptions(act_group_aware=True, block_size=48), "minmax")
+    assert torch.equal(result.g_idx, default_g_idx(IN, group_size).int())  # every kernel reads it
+    perm, group_order = group_aware_order(torch.diag(H), spec.effective_group_size(IN))
+    assert sorted(perm.tolist()) == list(range(IN)) and sorted(group_order.tolist()) == list(range(len(group_order)))
+    plain = gptq_quantize(W[:, perm], H[perm][:, perm], spec, GPTQOptions(block_size=48), "minmax")
+    assert torch.equal(result.weight, plain.weight[:, torch.argsort(perm)])
+    assert torch.equal(result.scales[:, group_order], plain.scales)
 
 
 def test_dampening_is_raised_when_cholesky_fails() -> None:
@@ -102,6 +116,7 @@ def test_options_are_recorded_under_gptqmodel_names() -> None:
     assert fields == {
         "damp_percent": 0.05,
         "desc_act": True,
+        "act_group_aware": False,
         "static_groups": False,
         "true_sequential": True,
         "block_size": 128,

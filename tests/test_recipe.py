@@ -65,6 +65,7 @@ def test_flags_override_recipe_values(tmp_path: Path) -> None:
         ("colour: red\n", "unknown key 'colour'"),
         ("quant:\n  bits: four\n", "quant.bits must be an integer"),
         ("quant:\n  bits: 5\n", "quant.bits must be one of 2, 3, 4, 8"),
+        ("gptq:\n  act_order: true\n  act_group_aware: true\n", "two column orders: choose one"),
         ("quant:\n  sym: 1\n", "quant.sym must be true or false"),
         ("quant:\n  group_size: 0\n", "quant.group_size must be -1"),
         ("quant:\n  group_size: big\n", "quant.group_size must be -1 (per row), auto or positive, got 'big'"),

@@ -1,6 +1,8 @@
 """GPTQ for one Linear layer (Frantar et al., ICLR 2023), after the reference code of IST-DASLab/gptq.
 
-Columns are quantized left to right (or by descending Hessian diagonal with act-order); each column's
+Columns are quantized left to right, by descending Hessian diagonal (act-order, which needs a g_idx), or
+group by group (group-aware reordering, GAR: groups by their largest diagonal, columns by descending diagonal
+inside each, so g_idx stays trivial); each column's
 rounding error, scaled by the inverse-Hessian Cholesky factor, is pushed onto the columns not yet
 quantized. Updates are applied lazily in blocks of ``block_size`` columns.
 
@@ -69,6 +71,15 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]
         damp = min(damp * 10, MAX_DAMP) if damp > 0 else 0.01
 
 
+def group_aware_order(diag: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAR's column order, and the order in which it visits the groups (both as indices of the original)."""
+    by_group = diag.reshape(-1, group_size)
+    group_order = torch.argsort(by_group.max(dim=1).values, descending=True)
+    inside = torch.argsort(by_group, dim=1, descending=True)
+    offsets = torch.arange(by_group.shape[0], device=diag.device).unsqueeze(1) * group_size
+    return (inside + offsets)[group_order].reshape(-1), group_order
+
+
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, options: GPTQOptions, clip: str) -> GPTQResult:
     """GPTQ of one layer's weights ``W`` ([out, in]) given its input Hessian ``H`` ([in, in])."""
@@ -83,9 +94,12 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, options: GP
     W[:, dead] = 0
 
     static = group_qparams(W, spec, clip) if options.static_groups and spec.group_size != -1 else None
-    perm = None
+    perm = group_order = None
     if options.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
+    elif options.act_group_aware:
+        perm, group_order = group_aware_order(torch.diag(H), g)
+    if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
 
     U, damp = inverse_cholesky(H, options.damp)
@@ -132,7 +146,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, options: GP
     else:
         scale_t, zero_t = torch.cat(scales, dim=1), torch.cat(zeros, dim=1)
         g_idx = default_g_idx(columns, spec.group_size, W.device)
-        if perm is not None:
+        if group_order is not None:  # the k-th group processed is the original group group_order[k]
+            scale_t = torch.empty_like(scale_t).index_copy_(1, group_order, scale_t)
+            zero_t = torch.empty_like(zero_t).index_copy_(1, group_order, zero_t)
+        elif perm is not None:
             # the k-th column processed (original column perm[k]) belongs to group k // g
             g_idx = torch.empty_like(g_idx).scatter_(0, perm, g_idx)
     if perm is not None:
