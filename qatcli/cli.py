@@ -117,6 +117,15 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
         **SHARED_KEYS,
     },
     "eval": {"data": "eval.data", "seqlen": "eval.seqlen", "max_windows": "eval.max_windows", **SHARED_KEYS},
+    "diagnose": {
+        "data": "eval.data",
+        "seqlen": "eval.seqlen",
+        "max_windows": "eval.max_windows",
+        "points": "diagnose.points",
+        "t_max": "diagnose.t_max",
+        "hessian_windows": "diagnose.hessian_windows",
+        **SHARED_KEYS,
+    },
     "export": {
         "output": "export.output",
         "fmt": "export.format",
@@ -243,6 +252,33 @@ def eval_(
     from qatcli.commands.evaluate import run_eval
 
     run_eval(_load("eval", recipe, locals(), set_), models or [], json_path, force)
+
+
+@app.command()
+def diagnose(
+    model: Annotated[str | None, typer.Argument(help="The full-precision model the others were made from.")] = None,
+    quantized: Annotated[
+        list[str] | None, typer.Argument(help="qatcli checkpoints and/or GPTQ-format directories.")
+    ] = None,
+    recipe: RecipeOpt = None,
+    data: Annotated[str | None, flag("eval.data", "--data", "--eval-data")] = None,
+    seqlen: Annotated[int | None, flag("eval.seqlen", "--seqlen", "--eval-seqlen")] = None,
+    max_windows: MaxWindowsOpt = None,
+    points: Annotated[int | None, flag("diagnose.points")] = None,
+    t_max: Annotated[float | None, flag("diagnose.t_max")] = None,
+    hessian_windows: Annotated[int | None, flag("diagnose.hessian_windows")] = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the measurements as JSON here.")] = None,
+    png_path: Annotated[Path | None, typer.Option("--png", help="Draw the loss along each segment here.")] = None,
+    set_: SetOpt = None,
+    device: DeviceOpt = None,
+    seed: SeedOpt = None,
+    force: ForceOpt = False,
+) -> None:
+    """The loss between the fp model and each quantized one: segment profile, gap, Hessian distance, inward gradient."""
+    from qatcli.commands.diagnose import run_diagnose
+
+    cfg = _load("diagnose", recipe, locals(), set_)
+    run_diagnose(cfg, model or cfg.model, quantized or [], json_path, png_path, force)
 
 
 @app.command()

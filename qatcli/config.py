@@ -233,6 +233,17 @@ class EvalConfig:
 
 
 @dataclass
+class DiagnoseConfig:
+    """qatcli diagnose: the loss (mean token NLL) on the evaluation windows, along each fp -> quantized segment."""
+
+    points: int = field(default=7, metadata=doc("Points on each segment from the fp weights (t = 0) to t_max"))
+    t_max: float = field(default=1.5, metadata=doc("End of the segment, in units of the fp -> quantized step"))
+    hessian_windows: int = field(
+        default=16, metadata=doc("Evaluation windows whose layer inputs give the Hessians of the distance")
+    )
+
+
+@dataclass
 class ExportConfig:
     output: str | None = field(
         default=None, metadata=doc("GPTQ-format directory to write (the checkpoint read is the recipe's output)")
@@ -306,6 +317,7 @@ class Recipe:
     gptq: GPTQOptions = field(default_factory=GPTQOptions, metadata=doc("GPTQ algorithm options"))
     qat: QATConfig = field(default_factory=QATConfig, metadata=doc("Quantization-aware training"))
     eval: EvalConfig = field(default_factory=EvalConfig, metadata=doc("Perplexity evaluation"))
+    diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig, metadata=doc("qatcli diagnose"))
     export: ExportConfig = field(default_factory=ExportConfig, metadata=doc("GPTQ-format export"))
     compare: CompareConfig = field(default_factory=CompareConfig, metadata=doc("The matrix of qatcli compare"))
 

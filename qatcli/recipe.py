@@ -195,6 +195,7 @@ def _value_problems(recipe: Recipe) -> list[str]:
             "export.max_shard_mib": e.max_shard_mib,
             "eval.seqlen": recipe.eval.seqlen,
             "eval.max_windows": recipe.eval.max_windows,
+            **{f"diagnose.{k}": getattr(recipe.diagnose, k) for k in ("t_max", "hessian_windows")},
         },
     )
     _one_of(problems, "qat.loss", t.loss, QAT_LOSSES)
@@ -208,6 +209,8 @@ def _value_problems(recipe: Recipe) -> list[str]:
         problems.append("recipe: qat.steps and qat.block.epochs are both 0: nothing would be trained")
     if not 0 <= t.vr_gamma <= 1:
         problems.append(f"recipe: qat.vr_gamma must be in [0, 1], got {t.vr_gamma}")
+    if recipe.diagnose.points < 2:
+        problems.append(f"recipe: diagnose.points must be 2 or more, got {recipe.diagnose.points}")
     for key in ("eval_every", "skip_nonfinite"):
         if getattr(t, key) < 0:
             problems.append(f"recipe: qat.{key} must be 0 or more, got {getattr(t, key)}")
