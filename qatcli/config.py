@@ -210,6 +210,16 @@ class QATConfig:
             "before the run stops; 0: stop at the first"
         ),
     )
+    record_every: int = field(
+        default=0,
+        metadata=doc(
+            "Record the basin measurements (losses at Q(w) and w, inward cosine, codes changed) every N "
+            "end-to-end steps on a fixed probe batch, into metrics.jsonl (0: never)"
+        ),
+    )
+    record_eps: float = field(
+        default=0.05, metadata=doc("The quantized loss counts as back at full precision within this many nats")
+    )
     eval_every: int = field(
         default=0,
         metadata=doc("Evaluate on the evaluation data every N end-to-end steps, into metrics.jsonl (0: never)"),

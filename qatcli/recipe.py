@@ -211,7 +211,7 @@ def _value_problems(recipe: Recipe) -> list[str]:
         problems.append(f"recipe: qat.vr_gamma must be in [0, 1], got {t.vr_gamma}")
     if recipe.diagnose.points < 2:
         problems.append(f"recipe: diagnose.points must be 2 or more, got {recipe.diagnose.points}")
-    for key in ("eval_every", "skip_nonfinite"):
+    for key in ("eval_every", "skip_nonfinite", "record_every"):
         if getattr(t, key) < 0:
             problems.append(f"recipe: qat.{key} must be 0 or more, got {getattr(t, key)}")
     if t.warmup_steps < 0 or not 0 <= t.min_lr_ratio <= 1 or t.weight_decay < 0:

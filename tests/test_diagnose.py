@@ -13,7 +13,14 @@ import torch
 from conftest import run_cli
 from test_cli import assert_one_line_error
 
+from qatcli.data.models import load_model, load_tokenizer, resolve_model
+from qatcli.data.sources import TrainBatches
+from qatcli.data.tokens import TokenSource
 from qatcli.diagnose.geometry import hessian_distance, inward_component, segment_profile
+from qatcli.formats.checkpoint import load_checkpoint
+from qatcli.qat.losses import ce_loss
+
+CPU = torch.device("cpu")
 
 # A narrow valley (curvature 100 across, 0.5 along, turned by 30 degrees) around w_fp = (0.3, 0.45), on the
 # integer grid: rounding lands on (0, 0), outside the valley, while another grid point lies inside it.
@@ -111,3 +118,60 @@ def test_diagnose_matches_eval_at_both_ends_of_each_segment(tiny_model_dir: Path
 
     assert_one_line_error(run_cli("diagnose", str(tiny_model_dir), *data), "nothing to diagnose")
     assert_one_line_error(run_cli("diagnose", str(tiny_model_dir), str(tmp_path), *data), "neither a qatcli checkpoint")
+
+
+def test_the_landscape_recorded_during_qat_matches_a_direct_computation(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "qat"
+    args = ["--bits", "2", "--group-size", "32", "--data", str(sotu / "valid.txt"), "--seqlen", "64"]
+    args += ["--steps", "4", "--block-epochs", "0", "--lr", "1e-3", "--set", "qat.record_every=2"]
+    made = run_cli("qat", str(tiny_model_dir), *args, "-o", str(out))
+    assert made.returncode == 0, made.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    recorded = {r["step"]: r["landscape"] for r in records if "landscape" in r}
+    assert sorted(recorded) == [2, 4] and recorded[2]["codes_changed"] is None
+    assert 0 <= recorded[4]["codes_changed"] <= 1
+    plain = run_cli("qat", str(tiny_model_dir), *args[:-2], "-o", str(tmp_path / "plain"))
+    assert plain.returncode == 0, plain.stderr
+    for name in ("latent.safetensors", "quant.safetensors"):  # recording leaves the training unchanged
+        assert (out / name).read_bytes() == (tmp_path / "plain" / name).read_bytes()
+
+    # the same probe batch, and the final checkpoint's three points, computed directly
+    ref = resolve_model(str(tiny_model_dir))
+    tokens = TokenSource(load_tokenizer(ref), ref, 0, CPU).tokens(str(sotu / "valid.txt"), "train")
+    probe = TrainBatches(tokens, 64, 4, 0 + 2).next_batch()
+    fp_model = load_model(ref, CPU)
+    latent_model, _, _, layers = load_checkpoint(out, CPU, fake_quant=False)
+    names = sorted(layers)
+    with torch.no_grad():
+        loss = {
+            "fp": float(ce_loss(fp_model(probe).logits, probe)),
+            "latent": float(ce_loss(latent_model(probe).logits, probe)),
+        }
+    fp = {n: fp_model.get_submodule(n).weight.detach().clone() for n in names}
+    latent = {n: latent_model.get_submodule(n).weight.detach().clone() for n in names}
+    quantized = {n: layers[n].fake_quant(latent[n]) for n in names}
+    latent_to_grid = sum(float((latent[n] - quantized[n]).pow(2).sum()) for n in names)
+
+    def loss_and_grad(point: dict[str, torch.Tensor]) -> tuple[float, dict[str, torch.Tensor]]:
+        for n in names:
+            weight = latent_model.get_submodule(n).weight
+            weight.data.copy_(point[n])
+            weight.requires_grad_(True)
+        value = ce_loss(latent_model(probe).logits, probe)
+        value.backward()
+        return float(value.detach()), {n: latent_model.get_submodule(n).weight.grad for n in names}
+
+    quantized_loss, _ = loss_and_grad(quantized)
+    last = recorded[4]
+    assert last["loss_fp"] == pytest.approx(loss["fp"], rel=1e-5)
+    assert last["loss_latent"] == pytest.approx(loss["latent"], rel=1e-5)
+    assert last["loss_quantized"] == pytest.approx(quantized_loss, rel=1e-5)
+    assert last["inward_cosine"] == pytest.approx(inward_component(loss_and_grad, fp, quantized).cosine, abs=1e-4)
+    assert last["latent_to_grid"] == pytest.approx(latent_to_grid**0.5, rel=1e-4)
+
+    shown = run_cli("diagnose", str(out), "--json", str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png"))
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads((tmp_path / "r.json").read_text())["records"] == [r for r in records if "landscape" in r]
+    assert (tmp_path / "r.png").stat().st_size > 10_000

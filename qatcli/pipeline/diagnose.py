@@ -10,6 +10,7 @@ evaluated too. Only the quantized layers' weights change between points; the res
 from __future__ import annotations
 
 import gc
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -203,3 +204,13 @@ def _quantized_names(spec: Path) -> list[str]:
         return sorted(read_meta(spec)["layers"])
     model, _, _ = load_gptq_model(spec, torch.device("cpu"))
     return sorted(name for name, m in model.named_modules() if isinstance(m, PackedLinear))
+
+
+def recorded_landscape(run: Path) -> list[dict[str, Any]] | None:
+    """The metrics.jsonl records with landscape measurements of a QAT checkpoint or run directory, if any."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    recorded = [r for r in records if "landscape" in r]
+    return recorded or None

@@ -18,8 +18,9 @@ import torch
 from qatcli.config import Recipe
 from qatcli.data.models import load_model, resolve_model
 from qatcli.data.perplexity import evaluate_on_data
-from qatcli.data.sources import calibration_windows
+from qatcli.data.sources import TrainBatches, calibration_windows
 from qatcli.data.tokens import TokenSource
+from qatcli.diagnose.recording import LandscapeRecorder
 from qatcli.errors import Interrupted, QatcliError, TrainingDiverged
 from qatcli.formats.checkpoint import (
     base_model_ref,
@@ -168,8 +169,15 @@ def _end_to_end(
             with torch.no_grad():
                 return evaluate_on_data(base.model, source, recipe.eval, device, "eval").ppl
 
+    record_landscape = None
+    if t.record_every:
+        fp_model = teacher if teacher is not None else load_model(base.ref, torch.device("cpu"))
+        fp = {name: fp_model.get_submodule(name).weight.detach() for name in fakes}
+        probe = TrainBatches(tokens, t.seqlen, t.batch_size, recipe.seed + 2).next_batch().to(device)
+        record_landscape = LandscapeRecorder(base.model, fakes, fp, probe).record
+
     try:
-        trainer.train(stop_after, evaluate=evaluate)
+        trainer.train(stop_after, evaluate=evaluate, record_landscape=record_landscape)
     except InterruptedAtStep as stop:
         raise Interrupted(f"interrupted after step {stop.step}, saved; continue with --resume") from None
     except KeyboardInterrupt:
@@ -279,6 +287,11 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
         "quantized_bytes": quantized_bytes(layers),
         **peak_memory_mib(device),
     }
+    recorded = [(r["step"], r["landscape"]) for r in records if "landscape" in r]
+    if recorded:
+        metrics["landscape_first_step_within_eps"] = next(
+            (step for step, m in recorded if m["loss_quantized"] - m["loss_fp"] <= t.record_eps), None
+        )
     if recipe.eval.data is not None:
         metrics["eval"] = {
             "ppl_before": before,

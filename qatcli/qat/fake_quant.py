@@ -98,6 +98,10 @@ class FakeQuantLinear(nn.Module):
         self.scale_grad_factor = 1 / math.sqrt(group_numel * max(positive_levels, 1))
         self.grid = LayerGrid(self.weight, self.scales, self.zeros, self.g_idx, self.spec.maxq)
         self.estimator = estimator.for_layer(name, self.grid)
+        # "train": the fake-quantized weight; "latent": the latent weight itself; "probe": the quantized
+        # weight as a leaf whose .grad is dL/dW_q (the landscape recorder's inward gradient)
+        self.mode = "train"
+        self.probe_weight: torch.Tensor | None = None
 
     def quantized_weight(self) -> torch.Tensor:
         s = self.scales + (to_fp16_grid(self.scales) - self.scales).detach()
@@ -107,8 +111,19 @@ class FakeQuantLinear(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.mode == "latent":
+            return F.linear(x, self.weight.to(x.dtype), bias)
+        if self.mode == "probe":
+            self.probe_weight = self.quantized_weight().detach().requires_grad_(True)
+            return F.linear(x, self.probe_weight.to(x.dtype), bias)
         self.estimator.observe(x)
-        return F.linear(x, self.quantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        return F.linear(x, self.quantized_weight().to(x.dtype), bias)
+
+    def codes(self) -> torch.Tensor:
+        """The integer codes of the current latent weights on the current grid."""
+        with torch.no_grad():
+            return self.layer_quant().codes(self.weight.detach())
 
     def layer_quant(self) -> LayerQuant:
         return make_layer_quant(self.spec, to_fp16_grid(self.scales.detach()), self.zeros, self.g_idx, self.act_order)

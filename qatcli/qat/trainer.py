@@ -234,6 +234,7 @@ class Trainer:
         stop_after: int | None = None,
         on_step: Callable[[dict[str, Any]], None] | None = None,
         evaluate: Callable[[], float] | None = None,
+        record_landscape: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """Train until ``qat.steps`` (or ``stop_after`` more steps), saving state every ``qat.save_every``.
 
@@ -241,7 +242,8 @@ class Trainer:
         InterruptedAtStep; a second Ctrl-C raises KeyboardInterrupt at once (the last saved state stays).
 
         With ``evaluate`` (the perplexity of the model as it computes now), every ``qat.eval_every`` steps'
-        record carries ``eval_ppl``; its time is left out of the step's time and the token rate.
+        record carries ``eval_ppl``; with ``record_landscape``, every ``qat.record_every`` steps' record carries
+        ``landscape``. Their time is left out of the step's time and the token rate.
         """
         steps = self.qat.steps
         self.model.train()
@@ -267,13 +269,16 @@ class Trainer:
                 }
                 if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                     record["skipped"] = True
+                t_extra = time.perf_counter()
                 every = self.qat.eval_every
                 if evaluate is not None and every and (self.step % every == 0 or self.step == steps):
-                    t_eval = time.perf_counter()
                     self.model.eval()
                     record["eval_ppl"] = evaluate()
                     self.model.train()
-                    t_start += time.perf_counter() - t_eval
+                every = self.qat.record_every
+                if record_landscape is not None and every and (self.step % every == 0 or self.step == steps):
+                    record["landscape"] = record_landscape()
+                t_start += time.perf_counter() - t_extra
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 speed = record["tokens_per_second"]

@@ -1,4 +1,4 @@
-"""The diagnose figure: the loss along each fp -> quantized segment, one curve per quantized model."""
+"""The diagnose figures: the loss along each fp -> quantized segment, and the landscape recorded during QAT."""
 
 from __future__ import annotations
 
@@ -30,5 +30,34 @@ def plot_profiles(diagnosis: dict[str, Any], path: Path) -> None:
     if any(r["loss_latent"] is not None for r in diagnosis["results"]):
         ax.plot([], [], marker="*", markersize=12, color="0.3", linestyle="none", label="QAT latent weights (at t=0)")
     ax.legend(fontsize=8)
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def plot_recorded(records: list[dict[str, Any]], title: str, path: Path) -> None:
+    """The landscape recorded during QAT: losses against step, and the inward cosine and codes changed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, (losses, motion) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    losses.plot(steps, [r["landscape"]["loss_quantized"] for r in records], marker="o", label="L(Q(w)): quantized")
+    losses.plot(steps, [r["landscape"]["loss_latent"] for r in records], marker="s", label="L(w): latent weights")
+    fp_loss = records[0]["landscape"]["loss_fp"]
+    losses.axhline(fp_loss, color="0.35", linestyle="--", label=f"full precision: {fp_loss:.4f}")
+    losses.set_xlabel("step")
+    losses.set_ylabel("loss on the probe batch (token CE)")
+    losses.legend()
+    motion.plot(steps, [r["landscape"]["inward_cosine"] for r in records], marker="o", label="inward cosine")
+    changed = [(r["step"], r["landscape"]["codes_changed"]) for r in records if r["landscape"]["codes_changed"]]
+    motion.plot([s for s, _ in changed], [c for _, c in changed], marker="s", label="fraction of codes changed")
+    motion.axhline(0, color="0.6", linewidth=1)
+    motion.set_xlabel("step")
+    motion.legend()
+    for ax in (losses, motion):
+        ax.grid(True, alpha=0.35)
+    fig.suptitle(title)
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)
