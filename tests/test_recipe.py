@@ -127,11 +127,13 @@ def test_override_is_validated_like_the_file() -> None:
 def test_measured_defaults() -> None:
     """The code's defaults are the best values measured (docs/results.md); recipes need not repeat them."""
     q = Recipe().qat
-    assert (q.init, q.lr, q.scale_lr, q.save_every) == ("fp", 2e-4, 1e-6, 25)
-    # generated:N holds N sequences of 512 tokens, every fifth held out: the training part covers the
-    # default run (steps x batch_size windows of seqlen tokens) once.
-    n = int(q.data.removeprefix("generated:"))
-    assert n * 4 // 5 * 512 == q.steps * q.batch_size * q.seqlen
+    assert (q.init, q.lr, q.scale_lr, q.save_every, q.steps) == ("fp", 2e-4, 1e-6, 25, 150)
+    assert (q.block.lr, q.block.scale_lr, q.block.epochs_for(2), q.block.epochs_for(4)) == (1e-3, 1e-4, 2, 0)
+    # generated:N holds N sequences of 512 tokens, every fifth held out: the default run (steps x batch_size
+    # windows of seqlen tokens) reads the training part at most twice, and the block stage's windows fit in it.
+    available = int(q.data.removeprefix("generated:")) * 4 // 5 * 512
+    assert q.steps * q.batch_size * q.seqlen <= 2 * available
+    assert q.block.nsamples * q.block.seqlen <= available
 
 
 def _set_keys(data: dict[str, Any], prefix: str = "") -> list[str]:
