@@ -411,7 +411,7 @@ def options(command: str) -> list[Any]:
 def test_flag_help_is_the_recipe_fields_doc() -> None:
     from qatcli.cli import COMMAND_KEYS
 
-    not_recipe_keys = {"recipe", "force", "set_", "json_path", "resume", "stop_after"}
+    not_recipe_keys = {"recipe", "force", "set_", "json_path", "png_path", "resume", "stop_after"}
     for command, keys in COMMAND_KEYS.items():
         for option in options(command):
             if option.name in not_recipe_keys:

@@ -61,12 +61,12 @@ def interrupt_at_step(step: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """A real Ctrl-C (SIGINT to this process) during QAT training, as ``step`` ends (from the on_step hook)."""
     train = Trainer.train
 
-    def interrupted(self: Trainer, stop_after: int | None = None, on_step=None, evaluate=None) -> None:
+    def interrupted(self: Trainer, stop_after: int | None = None, on_step=None, **kwargs) -> None:
         def hook(record: dict) -> None:
             if record["step"] == step:
                 os.kill(os.getpid(), signal.SIGINT)
 
-        train(self, stop_after, hook, evaluate)
+        train(self, stop_after, hook, **kwargs)
 
     monkeypatch.setattr(Trainer, "train", interrupted)
 
