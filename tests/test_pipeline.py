@@ -19,6 +19,8 @@ from conftest import default_sigint, run_cli
 from safetensors.torch import load_file
 from test_qat import qat_args
 
+from qatcli.config import Recipe
+
 ROOT = Path(__file__).resolve().parents[1] / "qatcli"
 
 
@@ -156,7 +158,7 @@ def test_the_design_card_commands_run_as_typed(tiny_model_dir: Path, tmp_path: P
     assert qat.returncode == 0, qat.stderr
     meta = json.loads((tmp_path / "qat" / "qatcli.json").read_text())
     assert meta["quantization"]["group_size"] == 64 and meta["recipe"]["qat"]["data"].startswith("generated:")
-    assert meta["qat"]["block"]["epochs"] == 2 and meta["metrics"]["steps"] == 100
+    assert meta["qat"]["block"]["epochs"] == 2 and meta["metrics"]["steps"] == Recipe().qat.steps
     losses = meta["metrics"]["block_loss"]
     assert all(losses["end"][k] < losses["start"][k] for k in losses["start"])
 
