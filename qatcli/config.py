@@ -49,7 +49,7 @@ class QuantConfig:
         default=True, metadata=doc("Symmetric grid (the GPTQ convention, zero point 2^(b-1)); false: asymmetric")
     )
     clip: str = field(
-        default="minmax",
+        default="mse",
         metadata=doc(
             "How each group's range is chosen (RTN, GPTQ and QAT's starting grid): minmax, or mse (the shrink of "
             "the min/max range that minimises the group's rounding error)"

@@ -39,7 +39,7 @@ def quantized(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory, so
     """RTN checkpoints of the tiny model at 8 and 2 bits, written by `qatcli ptq`."""
     out = tmp_path_factory.mktemp("ckpt")
     paths = {}
-    for bits, extra in ((8, ["--sym"]), (2, ["--asym"])):
+    for bits, extra in ((8, ["--sym"]), (2, ["--asym", "--clip", "minmax"])):
         path = out / f"rtn{bits}"
         result = run_cli(
             "ptq",
@@ -83,7 +83,7 @@ def test_ptq_writes_a_complete_checkpoint(quantized: dict[str, Path], tiny_model
     assert meta["layers"][name]["latent"] == "base"
     latent = load_checkpoint(path, torch.device("cpu"), fake_quant=False)[0].get_submodule(name).weight
     assert torch.equal(latent.detach(), original[f"{name}.weight"])
-    scales, zeros = group_qparams(original[f"{name}.weight"], QuantSpec(2, 32, sym=False))
+    scales, zeros = group_qparams(original[f"{name}.weight"], QuantSpec(2, 32, sym=False), "minmax")
     assert torch.equal(quant[f"{name}.scales"].float(), scales)
     assert torch.equal(quant[f"{name}.zeros"].float(), zeros)
 

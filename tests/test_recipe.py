@@ -38,7 +38,7 @@ SET_ON_PURPOSE = {
     "demo.yaml:compare.methods": "the demo's matrix",
     "demo.yaml:qat.block.nsamples": "32 block-stage windows keep the demo's qat cell short (128 is the default)",
     "*-gpu.yaml:device": "a GPU recipe: sized for one, it would take days on a CPU",
-    "qat-w2-1b-gpu.yaml:quant.clip": "the MSE clipping search: the better 2-bit start grid",
+    "demo.yaml:quant.clip": "min/max, the grid the demo's published numbers were measured with",
     "qat-w2-1b-gpu.yaml:qat.block.*": "the block stage scaled for a 1B model on a GPU: more and longer windows",
     "qat-w2-1b-gpu.yaml:qat.*": "end-to-end distillation scaled for a 1B model on a GPU: longer windows, more steps",
 }
