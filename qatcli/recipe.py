@@ -55,7 +55,7 @@ def default_value(dotted: str) -> Any:
     return f.default
 
 
-def _shown(value: Any) -> str:
+def shown_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, float) and 0 < abs(value) < 1e-3:  # 2e-4, as recipes write it, not 0.0002
@@ -64,7 +64,7 @@ def _shown(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, list):
-        return ", ".join(_shown(v) for v in value)
+        return ", ".join(shown_value(v) for v in value)
     return str(value)
 
 
@@ -74,7 +74,7 @@ def field_help(dotted: str) -> str:
     default = default_value(dotted)
     if default is None or default == [] or dataclasses.is_dataclass(default):
         return doc + "."
-    return f"{doc} (default: {_shown(default)})."
+    return f"{doc} (default: {shown_value(default)})."
 
 
 _NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans")}

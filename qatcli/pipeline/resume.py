@@ -12,14 +12,13 @@ import hashlib
 import json
 from fnmatch import fnmatch
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from qatcli.config import Recipe
 from qatcli.errors import QatcliError
 from qatcli.outputs import write_json_atomic
-from qatcli.recipe import flatten
+from qatcli.recipe import flatten, shown_value
 
 RUN_RECORD_FILE = "run.json"
 MAY_CHANGE = (
@@ -36,10 +35,6 @@ def record_run(workdir: Path, recipe: Recipe, tokens: torch.Tensor) -> None:
     write_json_atomic(workdir / RUN_RECORD_FILE, {"recipe": recipe.to_dict(), "data_sha256": tokens_sha256(tokens)})
 
 
-def _shown(value: Any) -> str:
-    return json.dumps(value) if not isinstance(value, str) else value
-
-
 def check_resumed_run(workdir: Path, recipe: Recipe, tokens: torch.Tensor) -> None:
     """Refuse to continue a run with settings or data other than its own (a run without a record passes)."""
     path = workdir / RUN_RECORD_FILE
@@ -48,7 +43,7 @@ def check_resumed_run(workdir: Path, recipe: Recipe, tokens: torch.Tensor) -> No
     record = json.loads(path.read_text())
     before, now = flatten(record["recipe"]), flatten(recipe.to_dict())
     changed = [
-        f"{key} ({_shown(before.get(key))} -> {_shown(now.get(key))})"
+        f"{key} ({shown_value(before.get(key))} -> {shown_value(now.get(key))})"
         for key in sorted(set(before) | set(now))
         if before.get(key) != now.get(key) and not any(fnmatch(key, p) for p in MAY_CHANGE)
     ]
