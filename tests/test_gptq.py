@@ -121,3 +121,29 @@ def test_options_are_recorded_under_gptqmodel_names() -> None:
         "true_sequential": True,
         "block_size": 128,
     }
+
+
+def _ill_conditioned_hessian(columns: int = 576, tokens: int = 4096) -> torch.Tensor:
+    """A Hessian like a transformer layer's: correlated inputs with a few outlier features, condition ~1e4-1e5."""
+    g = torch.Generator().manual_seed(0)
+    mix = torch.randn(columns, columns, generator=g) / columns**0.5 + torch.eye(columns)
+    x = torch.randn(tokens, columns, generator=g) @ mix
+    x[:, :4] *= 30.0
+    acc = HessianAccumulator(columns, torch.device("cpu"))
+    acc.add(x)
+    return acc.H
+
+
+def test_gptq_codes_do_not_depend_on_the_thread_count() -> None:
+    H = _ill_conditioned_hessian()
+    W = torch.randn(256, H.shape[0], generator=torch.Generator().manual_seed(1))
+    spec = QuantSpec(3, 64, False)
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(gptq_quantize(W, H, spec, GPTQOptions(), "minmax"))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0].weight, results[1].weight)
