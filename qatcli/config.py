@@ -213,8 +213,9 @@ class QATConfig:
     record_every: int = field(
         default=0,
         metadata=doc(
-            "Record the basin measurements (losses at Q(w) and w, inward cosine, codes changed) every N "
-            "end-to-end steps on a fixed probe batch, into metrics.jsonl (0: never)"
+            "Record the basin measurements (losses at Q(w) and w, inward cosine, codes changed) every N steps "
+            "on a fixed probe batch: end-to-end steps into metrics.jsonl, each block's steps into "
+            "block_metrics.jsonl (0: never)"
         ),
     )
     record_eps: float = field(

@@ -13,25 +13,63 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qatcli.config import QATConfig
 from qatcli.data.sources import calibration_windows
-from qatcli.qat.block import block_state_file, train_blocks
+from qatcli.qat.block import block_records, block_state_file, train_blocks
 from qatcli.quant.grid import QuantSpec
+from qatcli.quant.layer import apply_fake_quant
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import find_targets
 
 CPU = torch.device("cpu")
 
 
-def _stage(model_dir: Path, text: Path, workdir: Path, estimator: str = "ste", bits: int = 2):
+def _stage(
+    model_dir: Path,
+    text: Path,
+    workdir: Path,
+    estimator: str = "ste",
+    bits: int = 2,
+    start: str = "fp",
+    record_every: int = 0,
+):
+    """The block stage on an RTN grid; ``start`` rtn: the latent weights start on the grid points (fp ones given)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     tokens = torch.tensor(tokenizer(text.read_text())["input_ids"])
     layers = quantize_rtn(find_targets(model, [], []), QuantSpec(bits, 32), "minmax")
-    qat = QATConfig(estimator=estimator)
+    fp_weights = None
+    if start != "fp":
+        fp_weights = apply_fake_quant(model, layers)
+    qat = QATConfig(estimator=estimator, record_every=record_every)
     qat.block.nsamples, qat.block.seqlen, qat.block.batch_size, qat.block.lr = 16, 64, 4, 1e-3
     windows = calibration_windows(tokens, qat.block.nsamples, qat.block.seqlen, 0)
     workdir.mkdir(exist_ok=True)
-    layers, report = train_blocks(model, layers, windows, qat, 3, 0, CPU, workdir)
+    layers, report = train_blocks(model, layers, windows, qat, 3, 0, CPU, workdir, fp_weights)
     return model, layers, report
+
+
+def test_a_start_from_the_grid_points_trains_towards_the_full_precision_blocks(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path
+) -> None:
+    # Q(w_fp) and Q(Q(w_fp)) are the same model, so both starts see the same first loss against the fp targets
+    _, _, from_fp = _stage(tiny_model_dir, sotu / "valid.txt", tmp_path / "fp")
+    _, _, from_grid = _stage(tiny_model_dir, sotu / "valid.txt", tmp_path / "rtn", start="rtn")
+    assert from_grid.start[0] == pytest.approx(from_fp.start[0], rel=1e-5)
+    assert from_grid.start[0] > 1e-3  # the targets are not the start model's own outputs
+
+
+def test_the_block_stage_records_each_blocks_landscape(tiny_model_dir: Path, sotu: Path, tmp_path: Path) -> None:
+    _stage(tiny_model_dir, sotu / "valid.txt", tmp_path / "run", record_every=5)
+    records = block_records(tmp_path / "run")
+    steps = 3 * 4  # 3 epochs of 16 windows in batches of 4
+    assert [(r["block"], r["step"]) for r in records] == [(b, s) for b in (0, 1) for s in (0, 5, 10, steps)]
+    first = {r["block"]: r["landscape"] for r in records if r["step"] == 0}
+    # block 0 sees the fp model's own inputs, so its fp weights give its targets exactly
+    assert first[0]["loss_fp"] < 1e-10 < first[0]["loss_quantized"]
+    assert first[1]["loss_fp"] > 0  # block 1's inputs come through the quantized block 0
+    assert first[0]["codes_changed"] is None and first[0]["latent_to_grid"] > 0  # latent starts at the fp weights
+    assert all(0 <= r["landscape"]["codes_changed"] <= 1 for r in records if r["step"] > 0)
+    last = {r["block"]: r["landscape"] for r in records if r["step"] == steps}
+    assert all(last[b]["loss_quantized"] < first[b]["loss_quantized"] for b in (0, 1))
 
 
 @pytest.mark.parametrize("estimator", ["ste", "fourier", "jacobian"])

@@ -175,3 +175,23 @@ def test_the_landscape_recorded_during_qat_matches_a_direct_computation(
     assert shown.returncode == 0, shown.stderr
     assert json.loads((tmp_path / "r.json").read_text())["records"] == [r for r in records if "landscape" in r]
     assert (tmp_path / "r.png").stat().st_size > 10_000
+
+
+def test_the_block_stage_records_reach_the_checkpoint_and_diagnose(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "qat"
+    args = ["--bits", "2", "--group-size", "32", "--data", str(sotu / "valid.txt"), "--steps", "0"]
+    args += ["--block-epochs", "1", "--set", "qat.block.nsamples=8", "--set", "qat.block.seqlen=64"]
+    made = run_cli("qat", str(tiny_model_dir), *args, "--set", "qat.record_every=1", "-o", str(out))
+    assert made.returncode == 0, made.stderr
+    records = [json.loads(line) for line in (out / "block_metrics.jsonl").read_text().splitlines()]
+    # 8 windows in batches of 4: two steps a block
+    assert [(r["block"], r["step"]) for r in records] == [(b, s) for b in (0, 1) for s in (0, 1, 2)]
+    assert not (out / "metrics.jsonl").exists()
+    shown = run_cli("diagnose", str(out), "--json", str(tmp_path / "r.json"), "--png", str(tmp_path / "r.png"))
+    assert shown.returncode == 0, shown.stderr
+    assert "block stage" in shown.stdout
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["block_records"] == records and result["records"] == []
+    assert (tmp_path / "r.png").stat().st_size > 10_000

@@ -49,28 +49,62 @@ def run_diagnose(
 
 
 def _show_recorded(run: Path, json_path: Path | None, png_path: Path | None, force: bool) -> dict[str, Any]:
-    records = recorded_landscape(run) or []
-    print_table(
-        f"{run}: the landscape recorded during QAT (probe batch)",
-        ["step", "L(Q(w))", "L(w)", "L(fp)", "gap", "|w - Q(w)|", "inward cos", "codes changed"],
-        [
+    recorded = recorded_landscape(run)
+    assert recorded is not None
+    if recorded.blocks:
+        by_block: dict[int, list[dict[str, Any]]] = {}
+        for r in recorded.blocks:
+            by_block.setdefault(r["block"], []).append(r)
+        print_table(
+            f"{run}: the landscape recorded in the block stage (each block's first batch, output MSE)",
             [
-                r["step"],
-                (m := r["landscape"])["loss_quantized"],
-                m["loss_latent"],
-                m["loss_fp"],
-                m["loss_quantized"] - m["loss_fp"],
-                m["latent_to_grid"],
-                m["inward_cosine"],
-                m["codes_changed"],
-            ]
-            for r in records
-        ],
-    )
-    result = {"run": str(run), "records": records}
+                "block",
+                "steps",
+                "L(Q(w)) first",
+                "L(Q(w)) last",
+                "L(fp)",
+                "|w - Q(w)| last",
+                "inward cos first",
+                "inward cos last",
+                "codes changed",
+            ],
+            [
+                [
+                    block,
+                    rs[-1]["step"],
+                    rs[0]["landscape"]["loss_quantized"],
+                    rs[-1]["landscape"]["loss_quantized"],
+                    rs[0]["landscape"]["loss_fp"],
+                    rs[-1]["landscape"]["latent_to_grid"],
+                    rs[0]["landscape"]["inward_cosine"],
+                    rs[-1]["landscape"]["inward_cosine"],
+                    sum(r["landscape"]["codes_changed"] or 0.0 for r in rs),
+                ]
+                for block, rs in sorted(by_block.items())
+            ],
+        )
+    if recorded.steps:
+        print_table(
+            f"{run}: the landscape recorded in the end-to-end stage (probe batch)",
+            ["step", "L(Q(w))", "L(w)", "L(fp)", "gap", "|w - Q(w)|", "inward cos", "codes changed"],
+            [
+                [
+                    r["step"],
+                    (m := r["landscape"])["loss_quantized"],
+                    m["loss_latent"],
+                    m["loss_fp"],
+                    m["loss_quantized"] - m["loss_fp"],
+                    m["latent_to_grid"],
+                    m["inward_cosine"],
+                    m["codes_changed"],
+                ]
+                for r in recorded.steps
+            ],
+        )
+    result = {"run": str(run), "records": recorded.steps, "block_records": recorded.blocks}
     if json_path is not None:
         write_json_atomic(json_path, result, force)
     if png_path is not None:
         with atomic_file(png_path) as tmp:
-            plot_recorded(records, f"{run.name}: QAT in the fp loss landscape", tmp)
+            plot_recorded(recorded.steps, recorded.blocks, f"{run.name}: QAT in the fp loss landscape", tmp)
     return result

@@ -28,7 +28,9 @@ from qatcli.errors import QatcliError
 from qatcli.formats.checkpoint import is_checkpoint, load_checkpoint, read_meta
 from qatcli.formats.packed_model import PackedLinear, load_gptq_model, read_gptq_config
 from qatcli.pipeline.inputs import Problems
+from qatcli.qat.block import BLOCK_METRICS_FILE, block_records
 from qatcli.qat.losses import ce_loss
+from qatcli.qat.trainer import METRICS_FILE
 from qatcli.quant.gptq import HessianAccumulator
 from qatcli.report.progress import progress_bar
 from qatcli.runtime import resolve_device, seed_everything
@@ -206,11 +208,20 @@ def _quantized_names(spec: Path) -> list[str]:
     return sorted(name for name, m in model.named_modules() if isinstance(m, PackedLinear))
 
 
-def recorded_landscape(run: Path) -> list[dict[str, Any]] | None:
-    """The metrics.jsonl records with landscape measurements of a QAT checkpoint or run directory, if any."""
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    recorded = [r for r in records if "landscape" in r]
-    return recorded or None
+@dataclass
+class Recorded:
+    """The basin measurements recorded during a QAT run: end-to-end steps, and each block's steps."""
+
+    steps: list[dict[str, Any]]
+    blocks: list[dict[str, Any]]
+
+
+def _jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def recorded_landscape(run: Path) -> Recorded | None:
+    """The landscape records of a QAT checkpoint or of a run directory still in progress, if it has any."""
+    steps = [r for r in _jsonl(run / METRICS_FILE) if "landscape" in r]
+    blocks = _jsonl(run / BLOCK_METRICS_FILE) or block_records(run)
+    return Recorded(steps, blocks) if steps or blocks else None

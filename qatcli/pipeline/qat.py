@@ -34,9 +34,10 @@ from qatcli.outputs import atomic_dir, write_json_atomic
 from qatcli.pipeline.inputs import Problems
 from qatcli.pipeline.ptq import Base, Made, base_meta, evaluate_layers, gptq_layers, load_base
 from qatcli.pipeline.resume import check_resumed_run, record_run
-from qatcli.qat.block import BlockReport, saved_blocks, train_blocks
+from qatcli.qat.block import BLOCK_METRICS_FILE, BlockReport, block_records, saved_blocks, train_blocks
 from qatcli.qat.estimators import make_estimator
 from qatcli.qat.fake_quant import convert_qat, prepare_qat
+from qatcli.qat.losses import ce_loss
 from qatcli.qat.trainer import METRICS_FILE, STATE_FILE, InterruptedAtStep, Trainer
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, apply_fake_quant, quantized_bytes
@@ -131,8 +132,13 @@ def _block_stage(
     if epochs == 0 or (workdir / STATE_FILE).is_file():  # a saved end-to-end state holds the stage's result
         return layers, None, epochs
     windows = calibration_windows(tokens, t.block.nsamples, t.block.seqlen, recipe.seed)
+    fp_weights = None
+    if t.init != "fp":  # the model holds RTN, GPTQ or trained weights: the targets need the fp ones
+        fp_model = load_model(base.ref, torch.device("cpu"))
+        fp_weights = {name: fp_model.get_submodule(name).weight.detach() for name in layers}
+        del fp_model
     try:
-        layers, report = train_blocks(base.model, layers, windows, t, epochs, recipe.seed, device, workdir)
+        layers, report = train_blocks(base.model, layers, windows, t, epochs, recipe.seed, device, workdir, fp_weights)
     except KeyboardInterrupt:
         message = "interrupted in the block stage (finished blocks are kept); continue with --resume"
         raise Interrupted(message) from None
@@ -174,7 +180,10 @@ def _end_to_end(
         fp_model = teacher if teacher is not None else load_model(base.ref, torch.device("cpu"))
         fp = {name: fp_model.get_submodule(name).weight.detach() for name in fakes}
         probe = TrainBatches(tokens, t.seqlen, t.batch_size, recipe.seed + 2).next_batch().to(device)
-        record_landscape = LandscapeRecorder(base.model, fakes, fp, probe).record
+        model = base.model
+        record_landscape = LandscapeRecorder(
+            model, fakes, fp, lambda: ce_loss(model(probe, use_cache=False).logits, probe)
+        ).record
 
     try:
         trainer.train(stop_after, evaluate=evaluate, record_landscape=record_landscape)
@@ -303,5 +312,7 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
         save_checkpoint(tmp, base.model, base.tokenizer, layers, meta)
         if records:
             shutil.copy(workdir / METRICS_FILE, tmp / METRICS_FILE)
+        if recorded_blocks := block_records(workdir):
+            (tmp / BLOCK_METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in recorded_blocks))
     shutil.rmtree(workdir)
     return Made(out, meta)

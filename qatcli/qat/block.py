@@ -12,16 +12,19 @@ rest exactly as an uninterrupted run would (each block's order of batches and es
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from qatcli.config import QATConfig
+from qatcli.diagnose.recording import LandscapeRecorder
 from qatcli.errors import TrainingDiverged
-from qatcli.outputs import atomic_file
+from qatcli.outputs import atomic_file, write_json_atomic
 from qatcli.qat.estimators import Estimator, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, convert_qat, prepare_qat
 from qatcli.quant.layer import LayerQuant, apply_fake_quant
@@ -29,6 +32,7 @@ from qatcli.quant.walk import BlockWalk, run_block
 from qatcli.report.progress import progress_bar
 
 BLOCK_STATE_DIR = "blocks"
+BLOCK_METRICS_FILE = "block_metrics.jsonl"  # the records of every block, in a finished checkpoint
 
 
 @dataclass
@@ -70,6 +74,14 @@ def _cosine(step: int, steps: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
 
 
+def _recorder(
+    block: nn.Module, fakes: dict[str, FakeQuantLinear], fp: dict[str, torch.Tensor], walk: BlockWalk, kind: str
+) -> LandscapeRecorder:
+    """The basin measurements of one block on its first calibration batch (which it also trains on)."""
+    (hidden, kwargs), target = walk.inputs[0], walk.fp_outputs[0]
+    return LandscapeRecorder(block, fakes, fp, lambda: block_loss(run_block(block, hidden, kwargs), target, kind))
+
+
 def _train_block(
     block: nn.Module,
     fakes: dict[str, FakeQuantLinear],
@@ -78,7 +90,9 @@ def _train_block(
     epochs: int,
     seed: int,
     walk: BlockWalk,
-) -> None:
+    recorder: LandscapeRecorder | None = None,
+) -> list[dict[str, Any]]:
+    """Train the block; with a ``recorder``, its measurements at step 0 and every ``qat.record_every`` steps."""
     cfg = qat.block
     for p in block.parameters():
         p.requires_grad_(False)
@@ -93,6 +107,7 @@ def _train_block(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _cosine(step, steps))
     gen = torch.Generator().manual_seed(seed)
     step = 0
+    records = [] if recorder is None else [{"step": 0, "landscape": recorder.record()}]
     for _ in range(epochs):
         for i in torch.randperm(len(walk.inputs), generator=gen).tolist():
             hidden, kwargs = walk.inputs[i]
@@ -108,18 +123,27 @@ def _train_block(
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
             step += 1
+            if recorder is not None and (step % qat.record_every == 0 or step == steps):
+                records.append({"step": step, "landscape": recorder.record()})
     for p in weights + scales:
         p.requires_grad_(False)
+    return records
 
 
-def block_state_file(workdir: Path, index: int) -> Path:
-    return workdir / BLOCK_STATE_DIR / f"block-{index:04d}.pt"
+def block_state_file(workdir: Path, index: int, suffix: str = ".pt") -> Path:
+    return workdir / BLOCK_STATE_DIR / f"block-{index:04d}{suffix}"
 
 
 def saved_blocks(workdir: Path) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
     """The blocks a run has finished: index -> layer name -> its latent weight and scales."""
     files = sorted((workdir / BLOCK_STATE_DIR).glob("block-*.pt"))
     return {int(f.stem.removeprefix("block-")): torch.load(f, weights_only=True) for f in files}
+
+
+def block_records(workdir: Path) -> list[dict[str, Any]]:
+    """The basin measurements of every finished block, in block order (each record names its block)."""
+    files = sorted((workdir / BLOCK_STATE_DIR).glob("block-*.records.json"))
+    return [record for f in files for record in json.loads(f.read_text())]
 
 
 def train_blocks(
@@ -131,11 +155,17 @@ def train_blocks(
     seed: int,
     device: torch.device,
     workdir: Path,
+    fp_weights: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, LayerQuant], BlockReport]:
-    """Train every block's quantized layers; the model's Linear layers end holding the trained latent weights."""
+    """Train every block's quantized layers; the model's Linear layers end holding the trained latent weights.
+
+    The targets are the full-precision blocks' outputs: ``fp_weights`` gives the quantized layers' full-precision
+    weights where the model holds others (a start from RTN or GPTQ weights); None where it holds them itself.
+    With ``qat.record_every``, each block's basin measurements go to its records file (``block_records``).
+    """
     done = saved_blocks(workdir)
     (workdir / BLOCK_STATE_DIR).mkdir(parents=True, exist_ok=True)
-    walk = BlockWalk(model, windows, qat.block.batch_size, device, keep_fp=True)
+    walk = BlockWalk(model, windows, qat.block.batch_size, device, keep_fp=True, fp_weights=fp_weights)
     modules = dict(model.named_modules())
     layers = dict(layers)
     latent: dict[str, torch.Tensor] = {}
@@ -152,17 +182,26 @@ def train_blocks(
                         layers[name] = replace(layers[name], scales=saved["scales"])
             elif names:
                 estimator = make_estimator(qat, seed + index)
+                recorder = None
+                if qat.record_every:
+                    fp = {n: (fp_weights or {}).get(n, modules[n].weight).detach().clone() for n in names}
                 fakes = prepare_qat(model, {n: layers[n] for n in names}, estimator)
+                if qat.record_every:
+                    recorder = _recorder(block, fakes, fp, walk, qat.block.loss)
                 report.start[index] = _mean_loss(block, walk, qat.block.loss)
                 estimator.setup(lambda batches, block=block: _calibrate(block, walk, batches))
                 try:
-                    _train_block(block, fakes, estimator, qat, epochs, seed + index, walk)
+                    records = _train_block(block, fakes, estimator, qat, epochs, seed + index, walk, recorder)
                 except TrainingDiverged as err:
                     raise TrainingDiverged(f"block {index + 1} of {len(walk.blocks)}, {err}") from None
                 layers.update(convert_qat(model, fakes))
                 trained = {
                     n: {"weight": modules[n].weight.detach().cpu().clone(), "scales": layers[n].scales} for n in names
                 }
+                if recorder is not None:
+                    write_json_atomic(
+                        block_state_file(workdir, index, ".records.json"), [{"block": index, **r} for r in records]
+                    )
                 with atomic_file(block_state_file(workdir, index)) as tmp:
                     torch.save(trained, tmp)
                 modules = dict(model.named_modules())

@@ -58,6 +58,21 @@ def _block_inputs(
     return captured
 
 
+@contextlib.contextmanager
+def _holding(block: nn.Module, prefix: str, weights: dict[str, torch.Tensor]) -> Iterator[None]:
+    """The block computing with ``weights`` (by full module name) in place of its own, restored after."""
+    own: dict[nn.Module, torch.Tensor] = {}
+    for name, module in block.named_modules(prefix=prefix.rstrip(".")):
+        if name in weights:
+            own[module] = module.weight.data
+            module.weight.data = weights[name].to(module.weight.device, module.weight.dtype)
+    try:
+        yield
+    finally:
+        for module, weight in own.items():
+            module.weight.data = weight
+
+
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
@@ -70,15 +85,24 @@ class BlockWalk:
     caller asks for the next block, the current one (as the caller left it) turns them into the next inputs,
     or the outputs the caller already asked for with ``outputs()`` (it must not change the block after).
     With ``keep_fp``, ``fp_outputs`` holds the block's outputs before the caller changed anything, computed
-    from the full-precision stream of activations (the unchanged model's own).
+    from the full-precision stream of activations (the unchanged model's own). Where the model's weights are
+    not the full-precision ones already (a run that starts from RTN or GPTQ weights), ``fp_weights`` gives
+    them, by module name: the full-precision stream computes with these instead.
     """
 
     def __init__(
-        self, model: nn.Module, windows: torch.Tensor, batch_size: int, device: torch.device, keep_fp: bool = False
+        self,
+        model: nn.Module,
+        windows: torch.Tensor,
+        batch_size: int,
+        device: torch.device,
+        keep_fp: bool = False,
+        fp_weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.prefix, self.blocks = decoder_blocks(model)
         self.device = device
         self.keep_fp = keep_fp
+        self.fp_weights = fp_weights or {}
         model.to("cpu")
         _move_outside_blocks(model, self.blocks, device)
         with torch.no_grad():
@@ -102,7 +126,7 @@ class BlockWalk:
             block.to(self.device)
             self._block, self._outputs = block, None
             if self.keep_fp:
-                with torch.no_grad():
+                with torch.no_grad(), _holding(block, f"{self.prefix}.{index}.", self.fp_weights):
                     self.fp_outputs = [run_block(block, hidden, kwargs) for hidden, kwargs in self.fp_inputs]
             yield index, f"{self.prefix}.{index}.", block
             if index < last:  # nothing reads the last block's outputs

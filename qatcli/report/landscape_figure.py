@@ -34,30 +34,58 @@ def plot_profiles(diagnosis: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_recorded(records: list[dict[str, Any]], title: str, path: Path) -> None:
-    """The landscape recorded during QAT: losses against step, and the inward cosine and codes changed."""
+def plot_recorded(steps: list[dict[str, Any]], blocks: list[dict[str, Any]], title: str, path: Path) -> None:
+    """The landscape recorded during QAT: a row for the end-to-end steps (losses, inward cosine and codes
+    changed against the step) and a row for the block stage (each block's first and last record)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [kind for kind, records in (("steps", steps), ("blocks", blocks)) if records]
+    fig, axes = plt.subplots(len(rows), 2, figsize=(12, 4.8 * len(rows)), constrained_layout=True, squeeze=False)
+    for (losses, motion), kind in zip(axes, rows, strict=True):
+        if kind == "steps":
+            _plot_steps(steps, losses, motion)
+        else:
+            _plot_blocks(blocks, losses, motion)
+        for ax in (losses, motion):
+            ax.grid(True, alpha=0.35)
+            ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
+
+
+def _plot_steps(records: list[dict[str, Any]], losses: Any, motion: Any) -> None:
     steps = [r["step"] for r in records]
-    fig, (losses, motion) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
     losses.plot(steps, [r["landscape"]["loss_quantized"] for r in records], marker="o", label="L(Q(w)): quantized")
     losses.plot(steps, [r["landscape"]["loss_latent"] for r in records], marker="s", label="L(w): latent weights")
     fp_loss = records[0]["landscape"]["loss_fp"]
     losses.axhline(fp_loss, color="0.35", linestyle="--", label=f"full precision: {fp_loss:.4f}")
-    losses.set_xlabel("step")
+    losses.set_xlabel("end-to-end step")
     losses.set_ylabel("loss on the probe batch (token CE)")
-    losses.legend()
     motion.plot(steps, [r["landscape"]["inward_cosine"] for r in records], marker="o", label="inward cosine")
     changed = [(r["step"], r["landscape"]["codes_changed"]) for r in records if r["landscape"]["codes_changed"]]
     motion.plot([s for s, _ in changed], [c for _, c in changed], marker="s", label="fraction of codes changed")
     motion.axhline(0, color="0.6", linewidth=1)
-    motion.set_xlabel("step")
-    motion.legend()
-    for ax in (losses, motion):
-        ax.grid(True, alpha=0.35)
-    fig.suptitle(title)
-    fig.savefig(path, format="png", dpi=110)
-    plt.close(fig)
+    motion.set_xlabel("end-to-end step")
+
+
+def _plot_blocks(records: list[dict[str, Any]], losses: Any, motion: Any) -> None:
+    by_block: dict[int, list[dict[str, Any]]] = {}
+    for r in records:
+        by_block.setdefault(r["block"], []).append(r["landscape"])
+    index = sorted(by_block)
+    first, last = [by_block[b][0] for b in index], [by_block[b][-1] for b in index]
+    losses.semilogy(index, [m["loss_quantized"] for m in first], marker="o", label="L(Q(w)) before training")
+    losses.semilogy(index, [m["loss_quantized"] for m in last], marker="s", label="L(Q(w)) after")
+    losses.semilogy(index, [m["loss_fp"] for m in first], marker="^", linestyle="--", label="L(fp weights)")
+    losses.set_xlabel("block")
+    losses.set_ylabel("block output MSE against the fp block (first batch)")
+    motion.plot(index, [m["inward_cosine"] for m in first], marker="o", label="inward cosine before")
+    motion.plot(index, [m["inward_cosine"] for m in last], marker="s", label="inward cosine after")
+    changed = [sum(m["codes_changed"] or 0.0 for m in by_block[b]) for b in index]
+    motion.plot(index, changed, marker="^", label="codes changed (sum over records)")
+    motion.axhline(0, color="0.6", linewidth=1)
+    motion.set_xlabel("block")
