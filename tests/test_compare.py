@@ -207,3 +207,22 @@ def test_demo_recipe_cells() -> None:
     assert names == ["rtn-w4-g64", "rtn-w3-g64", "rtn-w2-g64", "gptq-w3-g64", "qat-ste-fp-w3-g64-s20"]
     # Everything it reads is generated from the model itself: it runs from a fresh clone with nothing beside it.
     assert {recipe.eval.data, recipe.calib.data, recipe.qat.data} == {"generated:50"}
+
+
+def test_qat_cells_carry_their_recorded_landscape(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cmp"
+    methods = "    - {method: qat, estimator: [ste, fourier], steps: 2}"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, sotu, out, methods)
+    result = compare_in_process(str(recipe), "--set", "qat.record_every=1", capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    rows = {r["cell"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    for name in ("qat-ste-fp-w2-g32-s2", "qat-fourier-fp-w2-g32-s2"):
+        attached = json.loads((out / rows[name]["landscape"]["file"]).read_text())
+        checkpoint = out / "cells" / name / "checkpoint" / "metrics.jsonl"
+        recorded = [json.loads(line) for line in checkpoint.read_text().splitlines()]
+        assert attached["records"] == [r for r in recorded if "landscape" in r] and len(attached["records"]) == 2
+        assert rows[name]["landscape"]["last"] == attached["records"][-1]["landscape"]
+        assert (out / "cells" / name / "landscape.png").stat().st_size > 10_000
+    assert (out / "compare_landscape.png").stat().st_size > 10_000

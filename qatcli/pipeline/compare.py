@@ -8,7 +8,10 @@ The output directory holds
   cells/<name>/checkpoint/   its qatcli checkpoint (a QAT cell trains in checkpoint.run/ first)
   cells/<name>/gptq/         its GPTQ-format export, the model that is evaluated
   cells/<name>/result.json   the finished cell: perplexity, sizes, times, and the keys it was made with
+  cells/<name>/landscape.json, landscape.png
+                             a QAT cell's basin measurements, where the recipe sets qat.record_every
   compare.json, compare.csv, compare.png
+  compare_landscape.png      every QAT cell's recorded curves side by side, where any were recorded
 
 A cell whose result.json has the current keys is reused; one whose checkpoint still fits is exported and
 evaluated again; anything else is made again. An interrupted QAT cell resumes from its saved state.
@@ -36,6 +39,7 @@ from qatcli.errors import Interrupted, QatcliError
 from qatcli.formats.checkpoint import is_checkpoint, read_meta
 from qatcli.formats.packed_model import load_gptq_model
 from qatcli.outputs import atomic_file, write_json_atomic
+from qatcli.pipeline.diagnose import recorded_landscape
 from qatcli.pipeline.export import export_checkpoint
 from qatcli.pipeline.inputs import Problems
 from qatcli.pipeline.matrix import Cell, cell_recipe, checkpoint_key, eval_key, expand
@@ -45,6 +49,7 @@ from qatcli.qat.estimators import check_estimator
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.targets import check_group_size, find_targets, resolve_group_size
 from qatcli.report.figure import plot_compare
+from qatcli.report.landscape_figure import plot_recorded, plot_recorded_runs
 from qatcli.report.progress import overall_progress, stderr_console
 from qatcli.report.table import fmt
 from qatcli.runtime import resolve_device, seed_everything
@@ -103,6 +108,8 @@ def _check_inputs(recipe: Recipe, cells: list[Cell]) -> None:
     problems.data(recipe.eval.data, "no evaluation data: set eval.data in the recipe")
     if any(c.method == "gptq" or c.init == "gptq" for c in cells):
         problems.data(recipe.calib.data, "gptq cells need calibration data: set calib.data in the recipe")
+    elif any(c.method == "awq" for c in cells):
+        problems.data(recipe.calib.data, "awq cells need calibration data: set calib.data in the recipe")
     for c in cells:
         if c.method != "qat":
             continue
@@ -268,8 +275,26 @@ def _run_cell(ctx: Context, cell: Cell) -> dict[str, Any]:
         "quantize_seconds": round(state["seconds"], 3),
         "export_seconds": round(export_seconds, 3),
     }
+    if (landscape := _attach_landscape(checkpoint, directory, cell.name)) is not None:
+        row["landscape"] = landscape
     write_json_atomic(directory / "result.json", {"key": key, "eval_key": ekey, "row": row})
     return {**row, "status": status}
+
+
+def _attach_landscape(checkpoint: Path, directory: Path, name: str) -> dict[str, Any] | None:
+    """A QAT cell's recorded curves, copied beside its result with their figure; a summary for its row."""
+    recorded = recorded_landscape(checkpoint)
+    if recorded is None:
+        return None
+    write_json_atomic(directory / "landscape.json", {"records": recorded.steps, "block_records": recorded.blocks})
+    with atomic_file(directory / "landscape.png") as tmp:
+        plot_recorded(recorded.steps, recorded.blocks, f"{name}: QAT in the fp loss landscape", tmp)
+    last = recorded.steps[-1]["landscape"] if recorded.steps else None
+    return {
+        "file": str(Path("cells") / name / "landscape.json"),
+        "first_step_within_eps": read_meta(checkpoint)["metrics"].get("landscape_first_step_within_eps"),
+        "last": last,
+    }
 
 
 def _with_change(row: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
@@ -298,6 +323,14 @@ def _write_outputs(ctx: Context, recipe_path: Path, fp: dict[str, Any], rows: li
     title = f"{Path(str(ctx.recipe.model)).name} on {Path(str(ctx.recipe.eval.data)).name}"
     with atomic_file(out / "compare.png") as tmp:
         plot_compare(fp, rows, title, tmp)
+    curves = {
+        r["cell"]: json.loads((out / r["landscape"]["file"]).read_text())["records"]
+        for r in rows
+        if "landscape" in r and (out / r["landscape"]["file"]).is_file()
+    }
+    if any(curves.values()):
+        with atomic_file(out / "compare_landscape.png") as tmp:
+            plot_recorded_runs({name: steps for name, steps in curves.items() if steps}, title, tmp)
 
 
 @dataclass

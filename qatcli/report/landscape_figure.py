@@ -89,3 +89,33 @@ def _plot_blocks(records: list[dict[str, Any]], losses: Any, motion: Any) -> Non
     motion.plot(index, changed, marker="^", label="codes changed (sum over records)")
     motion.axhline(0, color="0.6", linewidth=1)
     motion.set_xlabel("block")
+
+
+def plot_recorded_runs(runs: dict[str, list[dict[str, Any]]], title: str, path: Path) -> None:
+    """Several runs' end-to-end records side by side: the quantized loss gap to fp, and the inward cosine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (gaps, cosines) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
+    for i, (name, records) in enumerate(runs.items()):
+        steps = [r["step"] for r in records]
+        marker = "osD^vP*X"[i % 8]
+        gaps.plot(
+            steps,
+            [r["landscape"]["loss_quantized"] - r["landscape"]["loss_fp"] for r in records],
+            marker=marker,
+            label=name,
+        )
+        cosines.plot(steps, [r["landscape"]["inward_cosine"] for r in records], marker=marker, label=name)
+    gaps.set_ylabel("L(Q(w)) - L(fp) on the probe batch")
+    cosines.set_ylabel("inward cosine at Q(w)")
+    cosines.axhline(0, color="0.6", linewidth=1)
+    for ax in (gaps, cosines):
+        ax.set_xlabel("end-to-end step")
+        ax.grid(True, alpha=0.35)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}: QAT in the fp loss landscape")
+    fig.savefig(path, format="png", dpi=110)
+    plt.close(fig)
