@@ -33,7 +33,7 @@ from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_mod
 from qatcli.data.sources import TrainBatches, read_texts, tokenize_texts
 from qatcli.qat.estimators import Estimator, LayerEstimator, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, prepare_qat
-from qatcli.qat.losses import ce_loss
+from qatcli.qat.losses import model_ce_loss
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import check_group_size, find_targets
@@ -64,7 +64,7 @@ def timed_step(model: nn.Module, ids: torch.Tensor, device: torch.device, before
     before()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     with autocast:
-        loss = ce_loss(model(ids, use_cache=False).logits, ids)
+        loss = model_ce_loss(model, ids)
     loss.backward()
     sync(device)
     seconds = time.perf_counter() - t0

@@ -13,8 +13,8 @@ Inputs are token windows, not text, so that both tools see exactly the same toke
 What it does:
 1. Loads the model with GPTQModel in float32 (GPTQModel quantizes a bf16 copy on the CPU unless the model is
    loaded with dtype=torch.float32).
-2. Quantizes with reference GPTQ settings: sym=True, damp_percent=--damp (GPTQModel's default is 0.05),
-   act_group_aware=False (GPTQModel turns its group-aware reordering on by default when desc_act is False),
+2. Quantizes with sym=True, damp_percent=--damp (GPTQModel's default is 0.05), act_group_aware=--act-group-aware
+   (off unless given; GPTQModel's own default turns it on when desc_act is False),
    desc_act / static_groups / true_sequential as given, fallback=None (no silent per-module RTN fallback),
    offload_to_disk=False (no algorithmic effect, fewer moving parts), mse=0 (plain min/max grid, the default).
    Each calibration window is one sample with an all-ones attention mask, batch size 1.
@@ -67,6 +67,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, required=True)
     p.add_argument("--damp", type=float, default=0.01, help="damp_percent (GPTQModel's own default is 0.05)")
     p.add_argument("--desc-act", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument(
+        "--act-group-aware",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="GPTQModel's group-aware reordering (on in GPTQModel's own defaults, off in the reference settings)",
+    )
     p.add_argument("--static-groups", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--true-sequential", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--batch-size", type=int, default=1, help="calibration forward batch size (no effect on H)")
@@ -247,7 +253,7 @@ def _run(args: argparse.Namespace, calib: torch.Tensor, evalw: torch.Tensor, out
         group_size=args.group_size,
         sym=True,
         desc_act=args.desc_act,
-        act_group_aware=False,
+        act_group_aware=args.act_group_aware,
         static_groups=args.static_groups,
         true_sequential=args.true_sequential,
         damp_percent=args.damp,
@@ -311,7 +317,7 @@ def _run(args: argparse.Namespace, calib: torch.Tensor, evalw: torch.Tensor, out
         "desc_act": args.desc_act,
         "static_groups": args.static_groups,
         "true_sequential": args.true_sequential,
-        "act_group_aware": False,
+        "act_group_aware": args.act_group_aware,
         "sym": True,
         "gptqmodel_version": gptqmodel.__version__,
         "torch_version": torch.__version__,

@@ -56,6 +56,7 @@ BitsOpt = Annotated[int | None, flag("quant.bits")]
 # Any: typer refuses a union such as int | str; the parser gives an int or the text (auto).
 GroupSizeOpt = Annotated[Any, flag("quant.group_size", parser=_int_or_text, metavar="auto|-1|N")]
 SymOpt = Annotated[bool | None, flag("quant.sym", "--sym/--asym")]
+LmHeadOpt = Annotated[bool | None, flag("quant.lm_head", "--lm-head/--no-lm-head")]
 ClipOpt = Annotated[str | None, flag("quant.clip")]
 CalibDataOpt = Annotated[str | None, flag("calib.data")]
 NsamplesOpt = Annotated[int | None, flag("calib.nsamples")]
@@ -68,7 +69,13 @@ MaxWindowsOpt = Annotated[int | None, flag("eval.max_windows")]
 # an option name means the same key in every command, except --seqlen, --data and --output, which name
 # the obvious one of each command (ptq: calibration, qat: training, eval: evaluation).
 SHARED_KEYS = {"device": "device", "seed": "seed"}
-QUANT_KEYS = {"bits": "quant.bits", "group_size": "quant.group_size", "sym": "quant.sym", "clip": "quant.clip"}
+QUANT_KEYS = {
+    "bits": "quant.bits",
+    "group_size": "quant.group_size",
+    "sym": "quant.sym",
+    "clip": "quant.clip",
+    "lm_head": "quant.lm_head",
+}
 EVAL_KEYS = {"eval_data": "eval.data", "eval_seqlen": "eval.seqlen", "max_windows": "eval.max_windows"}
 COMMAND_KEYS: dict[str, dict[str, str]] = {
     "ptq": {
@@ -87,6 +94,9 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
         "act_group_aware": "gptq.act_group_aware",
         "static_groups": "gptq.static_groups",
         "true_sequential": "gptq.true_sequential",
+        "n_grid": "awq.n_grid",
+        "duo_scaling": "awq.duo_scaling",
+        "fp_inputs": "awq.fp_inputs",
         **EVAL_KEYS,
         **SHARED_KEYS,
     },
@@ -116,7 +126,17 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
         **EVAL_KEYS,
         **SHARED_KEYS,
     },
-    "eval": {"data": "eval.data", "seqlen": "eval.seqlen", "max_windows": "eval.max_windows", **SHARED_KEYS},
+    "eval": {
+        "data": "eval.data",
+        "seqlen": "eval.seqlen",
+        "max_windows": "eval.max_windows",
+        "tasks": "eval.tasks",
+        "task_dirs": "eval.task_dirs",
+        "num_fewshot": "eval.num_fewshot",
+        "limit": "eval.limit",
+        "batch_size": "eval.batch_size",
+        **SHARED_KEYS,
+    },
     "diagnose": {
         "data": "eval.data",
         "seqlen": "eval.seqlen",
@@ -153,6 +173,7 @@ def ptq(
     group_size: GroupSizeOpt = None,
     sym: SymOpt = None,
     clip: ClipOpt = None,
+    lm_head: LmHeadOpt = None,
     include: Annotated[list[str] | None, flag("quant.include")] = None,
     exclude: Annotated[list[str] | None, flag("quant.exclude")] = None,
     output: OutputOpt = None,
@@ -169,6 +190,9 @@ def ptq(
     true_sequential: Annotated[
         bool | None, flag("gptq.true_sequential", "--true-sequential/--no-true-sequential")
     ] = None,
+    n_grid: Annotated[int | None, flag("awq.n_grid")] = None,
+    duo_scaling: Annotated[bool | None, flag("awq.duo_scaling", "--duo-scaling/--no-duo-scaling")] = None,
+    fp_inputs: Annotated[bool | None, flag("awq.fp_inputs", "--fp-inputs/--no-fp-inputs")] = None,
     eval_data: EvalDataOpt = None,
     eval_seqlen: EvalSeqlenOpt = None,
     max_windows: MaxWindowsOpt = None,
@@ -177,7 +201,7 @@ def ptq(
     seed: SeedOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Post-training quantization (RTN or GPTQ) into a qatcli checkpoint directory."""
+    """Post-training quantization (RTN, GPTQ or AWQ) into a qatcli checkpoint directory."""
     from qatcli.commands.ptq import run_ptq
 
     run_ptq(_load("ptq", recipe, locals(), set_), force)
@@ -191,6 +215,7 @@ def qat(
     group_size: GroupSizeOpt = None,
     sym: SymOpt = None,
     clip: ClipOpt = None,
+    lm_head: LmHeadOpt = None,
     estimator: Annotated[str | None, flag("qat.estimator")] = None,
     # --amplitude, the singular, reads better repeated: --amplitude 0.2 --amplitude 0.05.
     amplitudes: Annotated[list[float] | None, flag("qat.amplitudes", "--amplitudes", "--amplitude")] = None,
@@ -242,15 +267,21 @@ def eval_(
     data: Annotated[str | None, flag("eval.data", "--data", "--eval-data")] = None,
     seqlen: Annotated[int | None, flag("eval.seqlen", "--seqlen", "--eval-seqlen")] = None,
     max_windows: MaxWindowsOpt = None,
+    tasks: Annotated[list[str] | None, flag("eval.tasks", metavar="TASK[,TASK...]")] = None,
+    task_dirs: Annotated[list[str] | None, flag("eval.task_dirs", "--task-dir", "--task-dirs", metavar="DIR")] = None,
+    num_fewshot: Annotated[int | None, flag("eval.num_fewshot")] = None,
+    limit: Annotated[int | None, flag("eval.limit")] = None,
+    batch_size: Annotated[int | None, flag("eval.batch_size", "--eval-batch-size")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON here.")] = None,
     set_: SetOpt = None,
     device: DeviceOpt = None,
     seed: SeedOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Perplexity of full-precision models and checkpoints on the same windows, in one table."""
+    """Perplexity and task accuracy of full-precision models and checkpoints, in one table."""
     from qatcli.commands.evaluate import run_eval
 
+    tasks = [t.strip() for item in tasks or [] for t in item.split(",") if t.strip()]
     run_eval(_load("eval", recipe, locals(), set_), models or [], json_path, force)
 
 

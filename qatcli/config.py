@@ -11,15 +11,16 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from qatcli.formats.compressed_tensors import FORMAT as CT_FORMAT
 from qatcli.formats.gptq_format import DENSE_DTYPES, FORMATS
 
-PTQ_METHODS = ("rtn", "gptq")
-EXPORT_FORMATS = FORMATS
+PTQ_METHODS = ("rtn", "gptq", "awq")
+EXPORT_FORMATS = (*FORMATS, CT_FORMAT)
 QAT_LOSSES = ("kd", "ce")
 BLOCK_LOSSES = ("mse", "token_mse")
 QAT_TRAIN = ("all", "scales")
 AUTO_BLOCK_EPOCHS = 2
-COMPARE_METHODS = ("rtn", "gptq", "qat")
+COMPARE_METHODS = ("rtn", "gptq", "awq", "qat")
 EXPORT_DTYPES = tuple(DENSE_DTYPES)
 AUTO = "auto"
 
@@ -36,7 +37,7 @@ def doc(text: str) -> dict[str, str]:
 
 @dataclass
 class QuantConfig:
-    method: str = field(default="rtn", metadata=doc("Quantization method: rtn or gptq"))
+    method: str = field(default="rtn", metadata=doc("Quantization method: rtn, gptq or awq"))
     bits: int = field(default=4, metadata=doc("Weight bits: 2, 3, 4 or 8"))
     group_size: int | str = field(
         default=AUTO,
@@ -63,14 +64,30 @@ class QuantConfig:
         default_factory=list,
         metadata=doc("Regular expression on layer names: keep matching layers in fp (one per flag)"),
     )
+    dynamic: dict[str, dict[str, int | str | bool]] = field(
+        default_factory=dict,
+        metadata=doc(
+            "Per-layer grids: regular expression on layer names (searched, as include/exclude) -> overrides "
+            "{bits, group_size, sym}; the first matching rule wins, other layers take bits, group_size and sym"
+        ),
+    )
+    lm_head: bool = field(
+        default=False,
+        metadata=doc(
+            "Quantize lm_head too (a copy of its weight where it is tied to the input embeddings, which stay as "
+            "they are)"
+        ),
+    )
 
 
 @dataclass
 class CalibConfig:
-    """Calibration windows (GPTQ): ``nsamples`` windows of ``seqlen`` tokens at seeded random offsets."""
+    """Calibration windows (GPTQ, AWQ): ``nsamples`` windows of ``seqlen`` tokens at seeded random offsets."""
 
-    data: str | None = field(default=None, metadata=doc("GPTQ calibration data (same forms as evaluation data)"))
-    nsamples: int = field(default=128, metadata=doc("GPTQ calibration windows"))
+    data: str | None = field(
+        default=None, metadata=doc("GPTQ and AWQ calibration data (same forms as evaluation data)")
+    )
+    nsamples: int = field(default=128, metadata=doc("GPTQ and AWQ calibration windows"))
     seqlen: int = field(default=512, metadata=doc("Tokens per calibration window"))
 
 
@@ -113,6 +130,33 @@ class GPTQOptions:
             "true_sequential": self.true_sequential,
             "block_size": self.block_size,
         }
+
+
+@dataclass
+class AWQOptions:
+    """The options of AWQ's scale search: qatcli.quant.awq takes this object."""
+
+    n_grid: int = field(
+        default=20, metadata=doc("AWQ scale search: the exponent alpha takes the values 0, 1/n_grid, ..., 1 - 1/n_grid")
+    )
+    duo_scaling: bool = field(
+        default=False,
+        metadata=doc(
+            "AWQ scales x_mean^alpha / w_mean^(1 - alpha) (AutoAWQ's default) instead of the paper's x_mean^alpha"
+        ),
+    )
+    fp_inputs: bool = field(
+        default=False,
+        metadata=doc(
+            "AWQ searches each block on the full-precision model's activations (as AutoAWQ does) instead of the "
+            "outputs of the blocks before it, already scaled and quantized"
+        ),
+    )
+    batch_size: int = field(default=8, metadata=doc("Calibration windows per block forward in AWQ"))
+
+    def quantization_fields(self) -> dict[str, Any]:
+        """The options as a checkpoint records them under ``quantization``."""
+        return {"n_grid": self.n_grid, "duo_scaling": self.duo_scaling, "fp_inputs": self.fp_inputs}
 
 
 @dataclass
@@ -241,6 +285,22 @@ class EvalConfig:
     models: list[str] = field(
         default_factory=list, metadata=doc("Models for qatcli eval when none are given on the command line")
     )
+    tasks: list[str] = field(
+        default_factory=list,
+        metadata=doc(
+            "lm-evaluation-harness tasks, groups or tags (arc_easy, hellaswag, ...) or task YAML files, "
+            "comma-separated or one per flag; needs qatcli[tasks]"
+        ),
+    )
+    task_dirs: list[str] = field(
+        default_factory=list,
+        metadata=doc("Directories of task YAML files whose tasks eval.tasks may name (one per flag)"),
+    )
+    num_fewshot: int | None = field(
+        default=None, metadata=doc("Examples in each task prompt (default: the task's own, else 0)")
+    )
+    limit: int | None = field(default=None, metadata=doc("Evaluate at most the first N items of each task"))
+    batch_size: int = field(default=8, metadata=doc("Task requests per forward pass (tasks only)"))
 
 
 @dataclass
@@ -257,10 +317,14 @@ class DiagnoseConfig:
 @dataclass
 class ExportConfig:
     output: str | None = field(
-        default=None, metadata=doc("GPTQ-format directory to write (the checkpoint read is the recipe's output)")
+        default=None, metadata=doc("Export directory to write (the checkpoint read is the recipe's output)")
     )
     format: str | None = field(
-        default=None, metadata=doc("gptq (v1) or gptq_v2; by default gptq for symmetric grids, else gptq_v2")
+        default=None,
+        metadata=doc(
+            "gptq (v1), gptq_v2 or compressed-tensors (pack-quantized); by default gptq for symmetric grids, "
+            "else gptq_v2"
+        ),
     )
     dtype: str = field(
         default="float16", metadata=doc("dtype of the tensors that stay dense: float16, bfloat16 or float32")
@@ -278,7 +342,7 @@ class CompareMethod:
     A value left out comes from the compare section, then from the recipe's quant and qat sections.
     """
 
-    method: str = field(default="rtn", metadata=doc("rtn, gptq or qat"))
+    method: str = field(default="rtn", metadata=doc("rtn, gptq, awq or qat"))
     bits: int | list[int] | None = field(default=None, metadata=doc("Bit widths of this entry"))
     group_size: int | str | list[int | str] | None = field(
         default=None, metadata=doc("Group sizes of this entry (auto, -1 or N)")
@@ -290,6 +354,13 @@ class CompareMethod:
     steps: int | None = field(default=None, metadata=doc("qat only: optimizer steps"))
     block_epochs: int | str | list[int | str] | None = field(
         default=None, metadata=doc("qat only: block-stage epochs (auto, 0 for none, or N), one cell each")
+    )
+    dynamic: dict[str, dict[str, int | str | bool]] | None = field(
+        default=None,
+        metadata=doc("Per-layer grids of this entry's cells, as quant.dynamic (default: quant.dynamic)"),
+    )
+    dynamic_name: str | None = field(
+        default=None, metadata=doc("What the cell names call this entry's dynamic rules (default: mix)")
     )
 
 
@@ -308,7 +379,9 @@ class CompareConfig:
 
 @dataclass
 class Recipe:
-    model: str | None = field(default=None, metadata=doc("Model directory, hub id or built-in alias (smollm2-135m)"))
+    model: str | None = field(
+        default=None, metadata=doc("Model directory, hub id or built-in alias (smollm2-135m, gemma3-270m)")
+    )
     output: str | None = field(
         default=None, metadata=doc("Output directory: the checkpoint of ptq and qat, the directory of compare")
     )
@@ -324,12 +397,13 @@ class Recipe:
     quant: QuantConfig = field(
         default_factory=QuantConfig, metadata=doc("Which layers are quantized and to which grid")
     )
-    calib: CalibConfig = field(default_factory=CalibConfig, metadata=doc("GPTQ calibration windows"))
+    calib: CalibConfig = field(default_factory=CalibConfig, metadata=doc("GPTQ and AWQ calibration windows"))
     gptq: GPTQOptions = field(default_factory=GPTQOptions, metadata=doc("GPTQ algorithm options"))
+    awq: AWQOptions = field(default_factory=AWQOptions, metadata=doc("AWQ scale-search options"))
     qat: QATConfig = field(default_factory=QATConfig, metadata=doc("Quantization-aware training"))
-    eval: EvalConfig = field(default_factory=EvalConfig, metadata=doc("Perplexity evaluation"))
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata=doc("Perplexity and task evaluation"))
     diagnose: DiagnoseConfig = field(default_factory=DiagnoseConfig, metadata=doc("qatcli diagnose"))
-    export: ExportConfig = field(default_factory=ExportConfig, metadata=doc("GPTQ-format export"))
+    export: ExportConfig = field(default_factory=ExportConfig, metadata=doc("Export (GPTQ, compressed-tensors)"))
     compare: CompareConfig = field(default_factory=CompareConfig, metadata=doc("The matrix of qatcli compare"))
 
     def to_dict(self) -> dict[str, Any]:

@@ -72,7 +72,7 @@ def field_help(dotted: str) -> str:
     """The help of the flag that sets ``dotted``: the field's doc and its default, if it has one."""
     doc = recipe_field(dotted).metadata["doc"]
     default = default_value(dotted)
-    if default is None or default == [] or dataclasses.is_dataclass(default):
+    if default is None or default in ([], {}) or dataclasses.is_dataclass(default):
         return doc + "."
     return f"{doc} (default: {shown_value(default)})."
 
@@ -92,6 +92,8 @@ def _type_name(tp: Any, plural: bool = False) -> str:
         if dataclasses.is_dataclass(item):
             return "a list of mappings"
         return "a list of " + _type_name(item, plural=True)
+    if origin is dict:
+        return "a mapping"
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_type_name(a, plural) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
@@ -112,6 +114,8 @@ def _matches(value: Any, tp: Any) -> bool:
     if origin is list:
         (item,) = typing.get_args(tp)
         return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:  # the values are checked where the mapping's meaning is known (dynamic_problems)
+        return isinstance(value, dict)
     if origin in (typing.Union, types.UnionType):
         return any(_matches(value, a) for a in typing.get_args(tp))
     raise TypeError(f"unsupported recipe field type {tp}")
@@ -181,6 +185,7 @@ def _value_problems(recipe: Recipe) -> list[str]:
     _one_of(problems, "quant.bits", q.bits, SUPPORTED_BITS)
     if not valid_group_size(q.group_size):
         problems.append(f"recipe: quant.group_size must be -1 (per row), auto or positive, got {q.group_size!r}")
+    problems += dynamic_problems(q.dynamic, "quant.dynamic")
     t, e = recipe.qat, recipe.export
     _positive(
         problems,
@@ -189,12 +194,16 @@ def _value_problems(recipe: Recipe) -> list[str]:
             "calib.seqlen": recipe.calib.seqlen,
             "gptq.block_size": recipe.gptq.block_size,
             "gptq.batch_size": recipe.gptq.batch_size,
+            "awq.n_grid": recipe.awq.n_grid,
+            "awq.batch_size": recipe.awq.batch_size,
             **{f"qat.{k}": getattr(t, k) for k in ("batch_size", "seqlen", "grad_accum", "save_every")},
             **{f"qat.block.{k}": getattr(t.block, k) for k in ("nsamples", "seqlen", "batch_size", "lr", "scale_lr")},
             **{f"qat.{k}": getattr(t, k) for k in ("lr", "scale_lr", "clip_grad")},
             "export.max_shard_mib": e.max_shard_mib,
             "eval.seqlen": recipe.eval.seqlen,
             "eval.max_windows": recipe.eval.max_windows,
+            "eval.limit": recipe.eval.limit,
+            "eval.batch_size": recipe.eval.batch_size,
             **{f"diagnose.{k}": getattr(recipe.diagnose, k) for k in ("t_max", "hessian_windows")},
         },
     )
@@ -205,10 +214,12 @@ def _value_problems(recipe: Recipe) -> list[str]:
         problems.append(f"recipe: qat.steps must be 0 or more, got {t.steps}")
     if not valid_block_epochs(t.block.epochs):
         problems.append(f"recipe: qat.block.epochs must be auto or 0 or more, got {t.block.epochs!r}")
-    if t.steps == 0 and t.block.epochs_for(recipe.quant.bits) == 0:
+    if t.steps == 0 and t.block.epochs_for(lowest_bits(recipe.quant)) == 0:
         problems.append("recipe: qat.steps and qat.block.epochs are both 0: nothing would be trained")
     if not 0 <= t.vr_gamma <= 1:
         problems.append(f"recipe: qat.vr_gamma must be in [0, 1], got {t.vr_gamma}")
+    if recipe.eval.num_fewshot is not None and recipe.eval.num_fewshot < 0:
+        problems.append(f"recipe: eval.num_fewshot must be 0 or more, got {recipe.eval.num_fewshot}")
     if recipe.diagnose.points < 2:
         problems.append(f"recipe: diagnose.points must be 2 or more, got {recipe.diagnose.points}")
     for key in ("eval_every", "skip_nonfinite", "record_every"):
@@ -224,6 +235,47 @@ def _value_problems(recipe: Recipe) -> list[str]:
     if not 0 <= recipe.gptq.damp < 10:
         problems.append(f"recipe: gptq.damp must be in [0, 10), got {recipe.gptq.damp}")
     return problems + _compare_problems(recipe.compare)
+
+
+DYNAMIC_KEYS = ("bits", "group_size", "sym")
+
+
+def dynamic_problems(dynamic: Any, where: str) -> list[str]:
+    """What is wrong with a ``dynamic`` mapping: each rule a regular expression on layer names mapped to
+    overrides of bits, group_size and sym."""
+    if not isinstance(dynamic, dict):
+        return [f"recipe: {where} must be a mapping of layer patterns to {{bits, group_size, sym}}, got {dynamic!r}"]
+    problems: list[str] = []
+    for pattern, overrides in dynamic.items():
+        rule = f"{where} rule '{pattern}'"
+        if not isinstance(pattern, str):
+            problems.append(f"recipe: {rule} must be a string (a regular expression on layer names)")
+        else:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                problems.append(f"recipe: {rule} is not a valid regular expression ({err})")
+        if not isinstance(overrides, dict):
+            problems.append(f"recipe: {rule} must map to {{bits, group_size, sym}}, got {overrides!r}")
+            continue
+        for key, value in overrides.items():
+            if key not in DYNAMIC_KEYS:
+                problems.append(f"recipe: {rule}: unknown key '{key}' (known keys: {', '.join(DYNAMIC_KEYS)})")
+            elif key == "bits" and (isinstance(value, bool) or value not in SUPPORTED_BITS):
+                supported = ", ".join(map(str, SUPPORTED_BITS))
+                problems.append(f"recipe: {rule}: bits must be one of {supported}, got {value!r}")
+            elif key == "group_size" and (isinstance(value, bool) or not valid_group_size(value)):
+                problems.append(f"recipe: {rule}: group_size must be -1 (per row), auto or positive, got {value!r}")
+            elif key == "sym" and not isinstance(value, bool):
+                problems.append(f"recipe: {rule}: sym must be true or false, got {value!r}")
+    return problems
+
+
+def lowest_bits(quant: Any) -> int:
+    """The fewest bits any layer may get: quant.bits or a dynamic rule's (what the block stage's auto goes by)."""
+    rules = quant.dynamic if isinstance(quant.dynamic, dict) else {}
+    bits = [o["bits"] for o in rules.values() if isinstance(o, dict) and o.get("bits") in SUPPORTED_BITS]
+    return min([quant.bits, *bits]) if quant.bits in SUPPORTED_BITS else quant.bits
 
 
 def valid_block_epochs(value: Any) -> bool:
@@ -259,6 +311,13 @@ def _compare_problems(c: CompareConfig) -> list[str]:
                 if getattr(m, key) is not None:
                     problems.append(f"recipe: {where}.{key} applies to method qat only, not {m.method}")
         _positive(problems, {f"{where}.steps": m.steps})
+        if m.dynamic is not None:
+            problems += dynamic_problems(m.dynamic, f"{where}.dynamic")
+        if m.dynamic_name is not None and (not m.dynamic or not re.fullmatch(r"[\w.-]+", m.dynamic_name)):
+            problems.append(
+                f"recipe: {where}.dynamic_name must name non-empty dynamic rules in letters, digits, '_', '.' "
+                f"or '-', got {m.dynamic_name!r}"
+            )
         for epochs in as_list(m.block_epochs) if m.block_epochs is not None else []:
             if not valid_block_epochs(epochs):
                 problems.append(f"recipe: {where}.block_epochs must be auto or 0 or more, got {epochs!r}")
@@ -275,11 +334,24 @@ def together(problems: list[str]) -> str:
     return f"recipe: {len(problems)} problems: " + "; ".join(p.removeprefix("recipe: ") for p in problems)
 
 
+def _is_mapping_value(dotted: str) -> bool:
+    """Whether the recipe key ``dotted`` holds a mapping as its value (quant.dynamic), not a section."""
+    try:
+        cls: Any = Recipe
+        *parents, leaf = dotted.split(".")
+        for name in parents:
+            cls = typing.get_type_hints(cls)[name]
+        tp = typing.get_type_hints(cls)[leaf]
+    except (KeyError, TypeError):
+        return False
+    return typing.get_origin(tp) is dict
+
+
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested recipe dict as {dotted key: value}."""
+    """A nested recipe dict as {dotted key: value}; a mapping value (quant.dynamic) stays one value."""
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not _is_mapping_value(f"{prefix}{key}"):
             out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value

@@ -157,8 +157,8 @@ def test_version_1_is_read_and_unknown_versions_are_refused(base_dir: Path, tmp_
     model, _, _, _ = load_checkpoint(path, CPU, fake_quant=False)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
 
-    (path / "qatcli.json").write_text(json.dumps({**meta, "format_version": 3}))
-    with pytest.raises(QatcliError, match="has format version 3; this qatcli reads versions 1, 2"):
+    (path / "qatcli.json").write_text(json.dumps({**meta, "format_version": 4}))
+    with pytest.raises(QatcliError, match="has format version 4; this qatcli reads versions 1, 2, 3"):
         read_meta(path)
 
 

@@ -163,7 +163,7 @@ def test_recipe_drives_ptq_and_flags_override(tiny_model_dir: Path, tmp_path: Pa
         (["--group-size", "0"], "quant.group_size must be -1"),
         (["--group-size", "big"], "quant.group_size must be -1 (per row), auto or positive, got 'big'"),
         (["--bits", "5", "--group-size", "0", "--seqlen", "0"], "recipe: 3 problems: quant.bits must be one of"),
-        (["--method", "awq"], "quant.method must be one of rtn"),
+        (["--method", "hqq"], "quant.method must be one of rtn, gptq, awq"),
         (["--bitz", "3"], "No such option: --bitz"),
         (["--eval-data", "no/such/file.txt"], "data file 'no/such/file.txt' does not exist"),
         (["--include", "nothing_matches"], "no Linear layer matches"),

@@ -152,7 +152,8 @@ def test_interrupted_compare_resumes_and_reuses_finished_cells(
 @pytest.mark.parametrize(
     ("methods", "fragment"),
     [
-        ("    - method: awq", "compare.methods[0].method must be one of rtn, gptq, qat, got 'awq'"),
+        ("    - method: hqq", "compare.methods[0].method must be one of rtn, gptq, awq, qat, got 'hqq'"),
+        ("    - {method: awq}", "awq cells need calibration data"),
         ("    - {method: rtn, estimator: ste}", "compare.methods[0].estimator applies to method qat only"),
         ("    - {method: rtn, bits: [3, 5]}", "compare.methods[0].bits must hold 2, 3, 4, 8, got 5"),
         ("    - method: rtn\n    - {method: rtn, bits: 2}", "lists the cell 'rtn-w2-g32' twice"),
@@ -226,3 +227,14 @@ def test_qat_cells_carry_their_recorded_landscape(
         assert rows[name]["landscape"]["last"] == attached["records"][-1]["landscape"]
         assert (out / "cells" / name / "landscape.png").stat().st_size > 10_000
     assert (out / "compare_landscape.png").stat().st_size > 10_000
+
+
+def test_compare_refuses_a_compressed_tensors_export(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cmp"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_model_dir, sotu, out, "    - method: rtn")
+    result = compare_in_process(str(recipe), "--set", "export.format=compressed-tensors", capsys=capsys)
+    assert result.returncode == 2
+    assert_one_line_error(result, "compare evaluates each cell's GPTQ-format export")
+    assert not (out / "cells").exists()

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from test_cli import assert_one_line_error
 from transformers import LlamaForCausalLM
 
+from qatcli.data import head
 from qatcli.formats.checkpoint import load_checkpoint
 from qatcli.formats.export import export_gptq
 from qatcli.formats.packed_model import load_gptq_model
@@ -36,7 +37,7 @@ def straightforward_ce(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.parametrize("loss", ["kd", "ce"])
 def test_chunked_losses_equal_the_straightforward_formulas(loss: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 512 * 7)  # chunks of 7 tokens, the last one shorter
+    monkeypatch.setattr(head, "CHUNK_ELEMENTS", 512 * 7)  # chunks of 7 tokens, the last one shorter
     torch.manual_seed(0)
     student = LlamaForCausalLM(tiny_llama_config())
     teacher = LlamaForCausalLM(tiny_llama_config())

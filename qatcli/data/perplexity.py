@@ -6,10 +6,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from qatcli.config import EvalConfig
+from qatcli.data.head import token_nll
 from qatcli.data.sources import eval_windows
 from qatcli.data.tokens import TokenSource
 from qatcli.report.progress import progress_bar
@@ -34,11 +34,8 @@ def perplexity(
         task = progress.add_task(label, total=n, unit="win")
         for start in range(0, n, batch_size):
             batch = windows[start : start + batch_size].to(device)
-            logits = model(batch, use_cache=False).logits.float()
-            nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="none"
-            )
-            total += nll.view(batch.shape[0], -1).mean(dim=1).sum().item()
+            # the logits are made a chunk of tokens at a time: never [batch, seqlen, vocab] floats at once
+            total += token_nll(model, batch).mean(dim=1).sum().item()
             progress.advance(task, batch.shape[0])
     mean = total / n
     return Perplexity(ppl=math.exp(mean), nll=mean, windows=n, seqlen=seqlen)

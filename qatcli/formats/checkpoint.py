@@ -2,8 +2,10 @@
 
 Version 2 (docs/checkpoint-format.md): qatcli.json names the base model with the sha256 of its weight files;
 latent.safetensors holds the fp32 latent weight of each quantized layer whose latent weight is not the base's
-(RTN's are); quant.safetensors the grid (scales, zeros, g_idx); config.json and the tokenizer files complete
-it. Every other parameter is read from the base model. Version 1 (the whole model in model.safetensors) is read.
+(RTN's are), and any other parameter of the decoder blocks that differs from the base's (the norms AWQ folds
+its scales into); quant.safetensors the grid (scales, zeros, g_idx); config.json and the tokenizer files
+complete it. Every other parameter is read from the base model. Version 1 (the whole model in
+model.safetensors) is read.
 
 The quantized weight of a layer is always grid.fake_quantize(latent, scales, zeros, g_idx): eval,
 QAT and export derive the integer codes with that one function.
@@ -29,12 +31,17 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from qatcli import __version__
 from qatcli.data.models import ModelRef, resolve_model
 from qatcli.errors import QatcliError
+from qatcli.notices import carry_notices
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, apply_fake_quant
+from qatcli.quant.targets import decoder_blocks, output_head, rule_for, spec_fields, untie_lm_head
 
 FORMAT = "qatcli-checkpoint"
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# Version 3 is version 2 with a `changed` list: written only where other parameters changed (AWQ), so that an
+# older qatcli refuses such a checkpoint instead of loading it without those parameters.
+CHANGED_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 META_FILE = "qatcli.json"
 QUANT_FILE = "quant.safetensors"
 LATENT_FILE = "latent.safetensors"
@@ -118,6 +125,23 @@ def _equals_base(files: dict[str, Path], key: str, weight: torch.Tensor) -> bool
         )
 
 
+def _changed_block_parameters(
+    model: nn.Module, layers: dict[str, LayerQuant], files: dict[str, Path]
+) -> dict[str, torch.Tensor]:
+    """The parameters of the decoder blocks, other than the quantized layers' weights, that differ from the
+    base model's (AWQ divides the norms by its scales), as fp32 tensors by name."""
+    prefix, blocks = decoder_blocks(model)
+    quantized = {f"{name}.weight" for name in layers}
+    changed = {}
+    for name, param in blocks.named_parameters(prefix=prefix):
+        if name in quantized:
+            continue
+        tensor = param.detach().to("cpu", torch.float32).contiguous()
+        if not _equals_base(files, name, tensor):
+            changed[name] = tensor
+    return changed
+
+
 def save_checkpoint(
     directory: Path,
     model: nn.Module,
@@ -138,12 +162,18 @@ def save_checkpoint(
 
     modules = dict(model.named_modules())
     files = _base_tensor_files(ref)
+    # lm_head untied from the input embeddings (quant.lm_head): the base stores its weight under theirs
+    untied = meta.get("quantization", {}).get("untied_lm_head")
+    aliases = {f"{output_head(model)[0]}.weight": untied} if untied else {}
     latent = {}
     for name in layers:
         weight = modules[name].weight.detach().to("cpu", torch.float32).contiguous()
-        if not _equals_base(files, f"{name}.weight", weight):
-            latent[f"{name}.weight"] = weight
-    save_file(latent, str(directory / LATENT_FILE), metadata={"format": FORMAT})
+        key = f"{name}.weight"
+        source = aliases[key] if key in aliases and key not in files else key
+        if not _equals_base(files, source, weight):
+            latent[key] = weight
+    changed = _changed_block_parameters(model, layers, files)
+    save_file({**latent, **changed}, str(directory / LATENT_FILE), metadata={"format": FORMAT})
     tensors = {}
     for name, lq in layers.items():
         tensors[f"{name}.scales"] = lq.scales.contiguous()
@@ -155,6 +185,10 @@ def save_checkpoint(
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
+    if ref.kind != "hub":  # the base model's licence notices and terms travel with what is made from it
+        q = meta.get("quantization", {})
+        what = f"{meta.get('method')} quantization to {q.get('bits')} bits (group size {q.get('group_size')})"
+        carry_notices(Path(ref.location), directory, f"{what}, written as a qatcli checkpoint")
     layer_meta = {
         name: {
             "bits": lq.spec.bits,
@@ -167,7 +201,10 @@ def save_checkpoint(
         }
         for name, lq in layers.items()
     }
-    full = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "base_model": base, "layers": layer_meta}
+    version = CHANGED_FORMAT_VERSION if changed else FORMAT_VERSION
+    full = {"format": FORMAT, "format_version": version, **meta, "base_model": base, "layers": layer_meta}
+    if changed:
+        full["changed"] = sorted(changed)
     (directory / META_FILE).write_text(json.dumps(full, indent=2) + "\n")
 
 
@@ -237,10 +274,14 @@ def _read_layers(path: Path, meta: dict[str, Any], modules: dict[str, nn.Module]
             scales, zeros, g_idx = (tensors[f"{name}.{k}"] for k in ("scales", "zeros", "g_idx"))
         except (KeyError, ValueError) as err:
             raise QatcliError(f"{where}: incomplete or invalid quantization data ({err})") from err
+        # the stated grid: the checkpoint's default spec, overridden by the first dynamic rule matching the layer
         top = meta.get("quantization", {})
-        stated = {k: top[k] for k in ("bits", "group_size", "sym") if k in top}
+        dynamic = top.get("dynamic") or {}
+        stated = spec_fields(name, top, dynamic)
         if any(info[k] != v for k, v in stated.items()):
-            raise QatcliError(f"{where}: its grid {spec} disagrees with the checkpoint's quantization {stated}")
+            rule = rule_for(name, dynamic)
+            said = f"dynamic rule '{rule}'" if rule is not None else "quantization"
+            raise QatcliError(f"{where}: its grid {spec} disagrees with the checkpoint's {said} {stated}")
         out_f, in_f = module.weight.shape
         if (info["in_features"], info["out_features"]) != (in_f, out_f):
             raise QatcliError(
@@ -266,21 +307,28 @@ def _read_layers(path: Path, meta: dict[str, Any], modules: dict[str, nn.Module]
 
 @torch.no_grad()
 def _overlay_latent(path: Path, meta: dict[str, Any], modules: dict[str, nn.Module]) -> None:
-    """Copy the stored latent weights into the base model, one layer at a time."""
+    """Copy the stored latent weights, and the other changed parameters, into the base model one at a time."""
     stored = [name for name, info in meta["layers"].items() if info.get("latent") != "base"]
+    targets = {f"{name}.weight": modules[name].weight for name in stored}
+    for key in meta.get("changed", []):
+        module_name, _, attr = key.rpartition(".")
+        param = getattr(modules.get(module_name), attr, None)
+        if not isinstance(param, torch.Tensor):
+            raise QatcliError(f"checkpoint '{path}': the model has no parameter {key} (listed as changed)")
+        targets[key] = param
     try:
         with safe_open(str(Path(path) / LATENT_FILE), framework="pt") as f:
-            missing = sorted({f"{name}.weight" for name in stored} - set(f.keys()))
+            missing = sorted(set(targets) - set(f.keys()))
             if missing:
-                raise QatcliError(f"checkpoint '{path}': {LATENT_FILE} lacks {len(missing)} layers, e.g. {missing[0]}")
-            for name in stored:
-                tensor, weight = f.get_tensor(f"{name}.weight"), modules[name].weight
-                if tensor.dtype != torch.float32 or tensor.shape != weight.shape:
+                raise QatcliError(f"checkpoint '{path}': {LATENT_FILE} lacks {len(missing)} tensors, e.g. {missing[0]}")
+            for key, param in targets.items():
+                tensor = f.get_tensor(key)
+                if tensor.dtype != torch.float32 or tensor.shape != param.shape:
                     raise QatcliError(
-                        f"checkpoint '{path}', layer {name}: latent weight is {tensor.dtype} {tuple(tensor.shape)}, "
-                        f"expected torch.float32 {tuple(weight.shape)}"
+                        f"checkpoint '{path}', {key}: stored tensor is {tensor.dtype} {tuple(tensor.shape)}, "
+                        f"expected torch.float32 {tuple(param.shape)}"
                     )
-                weight.copy_(tensor)
+                param.copy_(tensor)
     except (FileNotFoundError, SafetensorError) as err:
         raise QatcliError(f"checkpoint '{path}': cannot read {LATENT_FILE} ({err})") from err
 
@@ -292,12 +340,19 @@ def _load_model(path: Path, meta: dict[str, Any]) -> nn.Module:
         ref = base_model_ref(path, meta)
         _check_base(path, meta, ref)
         source = ref.location
+    untied = meta.get("quantization", {}).get("untied_lm_head")
     try:
         if meta["format_version"] != 1:
             config = AutoConfig.from_pretrained(path)  # the architecture the checkpoint was made with
+            if untied:  # lm_head starts as the base's, tied to the embeddings, and gets its own copy below
+                config.tie_word_embeddings = True
         model = AutoModelForCausalLM.from_pretrained(source, config=config, dtype=torch.float32)
     except (OSError, ValueError, SafetensorError) as err:
         raise QatcliError(f"checkpoint '{path}': cannot load its model ({str(err).splitlines()[0]})") from err
+    if untied and untie_lm_head(model) is None:
+        raise QatcliError(
+            f"checkpoint '{path}': its lm_head is recorded as untied from {untied}, which it does not share"
+        )
     model.config.name_or_path = str(path)  # the model is the checkpoint's, as an export's config.json records
     return model
 

@@ -2,11 +2,18 @@
 
 Each quantized Linear becomes a PackedLinear that keeps qweight/qzeros/scales/g_idx as they are stored and
 dequantizes them with vectorised torch on every forward (the CPU reference path).
+
+Per-layer grids follow GPTQModel's `dynamic` (gptqmodel/quantization/config.py, 7.6.0): each key is a regular
+expression matched against the module name from its start (re.match), with "-:" (the module is not
+quantized) or "+:" (or no prefix: its values override bits and group_size) in front; the "-:" rules are tried
+first, then the others in order, and the first match wins. lm_head is packed where its tensors are.
 """
 
 from __future__ import annotations
 
 import json
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -69,26 +76,65 @@ def read_gptq_config(directory: Path) -> dict[str, Any] | None:
     return None
 
 
-def _checked_config(directory: Path, qcfg: dict[str, Any]) -> tuple[int, str, int]:
-    """Bits, format and group size of a GPTQ config, each checked in type and value."""
+@dataclass
+class GPTQGrid:
+    """A GPTQ config's grid: the top-level bits and group size, and its `dynamic` rules in the order they are
+    tried: (negative, compiled pattern, overrides)."""
+
+    bits: int
+    group_size: int
+    rules: list[tuple[bool, re.Pattern, dict[str, Any]]]
+
+    def layer(self, name: str) -> tuple[int, int] | None:
+        """Bits and group size of module ``name``; None where a "-:" rule leaves it unquantized."""
+        for negative, pattern, overrides in self.rules:
+            if pattern.match(name):
+                if negative:
+                    return None
+                return overrides.get("bits", self.bits), overrides.get("group_size", self.group_size)
+        return self.bits, self.group_size
+
+
+def _bits_problem(bits: Any) -> bool:
+    return isinstance(bits, bool) or bits not in SUPPORTED_BITS
+
+
+def _group_problem(group_size: Any) -> bool:
+    return isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0)
+
+
+def _checked_config(directory: Path, qcfg: dict[str, Any]) -> tuple[GPTQGrid, str]:
+    """The grid and format of a GPTQ config, each value checked in type and range."""
     bits = qcfg.get("bits")
     fmt = qcfg.get("checkpoint_format", qcfg.get("format", "gptq"))
     group_size = qcfg.get("group_size", -1)
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+    if _bits_problem(bits):
         raise QatcliError(f"'{directory}': GPTQ bits {bits!r} not supported (2, 3, 4 or 8)")
     if not isinstance(fmt, str) or fmt not in FORMATS:
         raise QatcliError(f"'{directory}': checkpoint format {fmt!r} not supported ({', '.join(FORMATS)})")
     if group_size is None:
         group_size = -1
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or not (group_size == -1 or group_size > 0):
+    if _group_problem(group_size):
         raise QatcliError(f"'{directory}': group_size {group_size!r} is not -1 or a positive integer")
-    dynamic = qcfg.get("dynamic")
-    if dynamic is not None and dynamic != {}:
-        if not isinstance(dynamic, dict) or not all(isinstance(k, str) for k in dynamic):
-            raise QatcliError(f"'{directory}': 'dynamic' must map module patterns to overrides, got {dynamic!r}")
-        if not all(k.startswith("-:") for k in dynamic):
-            raise QatcliError(f"'{directory}': per-module bit widths ('dynamic' overrides) are not supported")
-    return bits, fmt, group_size
+    dynamic = qcfg.get("dynamic") or {}
+    if not isinstance(dynamic, dict) or not all(isinstance(k, str) and isinstance(v, dict) for k, v in dynamic.items()):
+        raise QatcliError(f"'{directory}': 'dynamic' must map module patterns to overrides, got {dynamic!r}")
+    rules = []
+    for key in sorted(dynamic, key=lambda k: not k.startswith("-:")):  # GPTQModel tries the "-:" rules first
+        overrides = dynamic[key]
+        where = f"'{directory}': dynamic rule '{key}'"
+        try:
+            pattern = re.compile(key[2:] if key.startswith(("-:", "+:")) else key)
+        except re.error as err:
+            raise QatcliError(f"{where} is not a regular expression this loader reads ({err})") from err
+        if "bits" in overrides and _bits_problem(overrides["bits"]):
+            raise QatcliError(f"{where}: bits {overrides['bits']!r} not supported (2, 3, 4 or 8)")
+        if "group_size" in overrides and _group_problem(overrides["group_size"]):
+            raise QatcliError(f"{where}: group_size {overrides['group_size']!r} is not -1 or a positive integer")
+        if overrides.get("pack_dtype", "int32") != "int32":
+            raise QatcliError(f"{where}: pack_dtype {overrides['pack_dtype']!r} not supported (int32)")
+        rules.append((key.startswith("-:"), pattern, overrides))
+    return GPTQGrid(bits, group_size, rules), fmt
 
 
 def _read_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -117,7 +163,7 @@ def load_gptq_model(directory: Path, device: torch.device) -> tuple[nn.Module, P
     qcfg = read_gptq_config(directory)
     if qcfg is None:
         raise QatcliError(f"'{directory}' is not a GPTQ-format model (no quantization_config with quant_method gptq)")
-    bits, fmt, group_size = _checked_config(directory, qcfg)
+    grid, fmt = _checked_config(directory, qcfg)
     try:
         config = AutoConfig.from_pretrained(directory)
         tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -135,6 +181,10 @@ def load_gptq_model(directory: Path, device: torch.device) -> tuple[nn.Module, P
         if not isinstance(linear, nn.Linear):
             raise QatcliError(f"'{directory}': packed tensors for '{name}', which is not a Linear layer of the model")
         out_f, in_f = linear.out_features, linear.in_features
+        layer_grid = grid.layer(name)
+        if layer_grid is None:
+            raise QatcliError(f"'{directory}': packed tensors for '{name}', which a '-:' dynamic rule leaves dense")
+        bits, group_size = layer_grid
         if group_size != -1 and in_f % group_size:
             raise QatcliError(f"'{directory}': group_size {group_size} does not divide {name}'s {in_f} inputs")
         groups = in_f // group_size if group_size != -1 else 1
@@ -152,7 +202,8 @@ def load_gptq_model(directory: Path, device: torch.device) -> tuple[nn.Module, P
         parent_name, _, child = name.rpartition(".")
         setattr(modules[parent_name], child, PackedLinear(in_f, out_f, bits, fmt, packed, bias))
 
-    tied = getattr(config, "tie_word_embeddings", False)
+    # a quantized lm_head is its own layer (qatcli writes such an export untied); only a dense one can be tied
+    tied = getattr(config, "tie_word_embeddings", False) and isinstance(model.get_output_embeddings(), nn.Linear)
     state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     packed_buffers = {

@@ -1,9 +1,11 @@
-"""Bit packing of integer codes into int32 words, as the GPTQ format stores them.
+"""Bit packing of integer codes into int32 words, as the GPTQ format and compressed-tensors' pack-quantized
+format store them.
 
 Every bit width uses one rule: 32 consecutive values form a little-endian bit stream of 32*b bits, value j
 at bits [b*j, b*j + b), cut into b words of 32 bits. For 2, 4 and 8 bits this is the familiar
 ``word = sum_j v[j] << (b*j)``; for 3 bits it gives the layout GPTQ uses, where values 10 and 21 straddle
 word boundaries. Packing runs along a chosen dimension (input rows for qweight, output columns for qzeros).
+compressed-tensors packs the same stream (since its pull request 732) and takes any length: :func:`pack_any`.
 """
 
 from __future__ import annotations
@@ -38,6 +40,18 @@ def pack(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
         if offset + bits > _WORD:  # the value's high bits continue in the next word
             words[:, word + 1] |= v >> (_WORD - offset)
     return _to_int32(words.reshape(n // _WORD * bits, *values.shape[1:])).movedim(0, dim).contiguous()
+
+
+def pack_any(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """:func:`pack` for any length along ``dim``: zeros pad it to a multiple of 32, and only the
+    ceil(n * b / 32) words that hold a value are kept (words beyond them would hold padding alone)."""
+    n = values.shape[dim]
+    padded = -n % _WORD
+    if padded:
+        pad_shape = list(values.shape)
+        pad_shape[dim] = padded
+        values = torch.cat([values, values.new_zeros(pad_shape)], dim=dim)
+    return pack(values, bits, dim).narrow(dim, 0, -(-n * bits // _WORD)).contiguous()
 
 
 def unpack(words: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

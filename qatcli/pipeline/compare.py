@@ -20,6 +20,7 @@ evaluated again; anything else is made again. An interrupted QAT cell resumes fr
 from __future__ import annotations
 
 import csv
+import dataclasses
 import gc
 import json
 import shutil
@@ -34,9 +35,11 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from qatcli.config import Recipe
 from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.data.perplexity import evaluate_on_data
+from qatcli.data.tasks import check_tasks, evaluate_tasks, flat_task_fields
 from qatcli.data.tokens import TokenSource
 from qatcli.errors import Interrupted, QatcliError
 from qatcli.formats.checkpoint import is_checkpoint, read_meta
+from qatcli.formats.compressed_tensors import FORMAT as COMPRESSED_TENSORS
 from qatcli.formats.packed_model import load_gptq_model
 from qatcli.outputs import atomic_file, write_json_atomic
 from qatcli.pipeline.diagnose import recorded_landscape
@@ -46,8 +49,7 @@ from qatcli.pipeline.matrix import Cell, cell_recipe, checkpoint_key, eval_key, 
 from qatcli.pipeline.ptq import make_ptq_checkpoint
 from qatcli.pipeline.qat import can_resume, check_init, train_qat
 from qatcli.qat.estimators import check_estimator
-from qatcli.quant.grid import QuantSpec
-from qatcli.quant.targets import check_group_size, find_targets, resolve_group_size
+from qatcli.quant.targets import find_targets, layer_specs, resolve_group_size
 from qatcli.report.figure import plot_compare
 from qatcli.report.landscape_figure import plot_recorded, plot_recorded_runs
 from qatcli.report.progress import overall_progress, stderr_console
@@ -64,6 +66,7 @@ CSV_COLUMNS = (
     "steps",
     "block_epochs",
     "bits",
+    "avg_bits",
     "group_size",
     "sym",
     "ppl",
@@ -106,6 +109,13 @@ def _check_inputs(recipe: Recipe, cells: list[Cell]) -> None:
     if not cells:
         problems.add("the recipe has no compare.methods: list the methods to compare (see recipes/demo.yaml)")
     problems.data(recipe.eval.data, "no evaluation data: set eval.data in the recipe")
+    with problems.check():
+        check_tasks(recipe.eval)
+    if recipe.export.format == COMPRESSED_TENSORS:
+        problems.add(
+            "compare evaluates each cell's GPTQ-format export: leave export.format unset (gptq or gptq_v2), and "
+            "export a chosen cell with qatcli export --format compressed-tensors"
+        )
     if any(c.method == "gptq" or c.init == "gptq" for c in cells):
         problems.data(recipe.calib.data, "gptq cells need calibration data: set calib.data in the recipe")
     elif any(c.method == "awq" for c in cells):
@@ -140,7 +150,8 @@ def _auto_group_size(recipe: Recipe, ref: ModelRef) -> int:
     config = AutoConfig.from_pretrained(ref.location)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    group = resolve_group_size("auto", find_targets(model, recipe.quant.include, recipe.quant.exclude))
+    q = recipe.quant
+    group = resolve_group_size("auto", find_targets(model, q.include, q.exclude, q.lm_head))
     stderr_console.print(f"group size auto -> {group}")
     return group
 
@@ -152,21 +163,29 @@ def _fp_row(ctx: Context, cells: list[Cell]) -> dict[str, Any]:
     key = eval_key(r, with_export=False)
     cached = _read_json(path)
     if cached is not None and cached.get("eval_key") == key:
-        return {**cached["row"], "status": "reused"}
+        return {"avg_bits": 16, **cached["row"], "status": "reused"}
     seed_everything(r.seed, r.deterministic)
     model = load_model(ctx.ref, ctx.device)
     tokenizer = load_tokenizer(ctx.ref)
-    targets = find_targets(model, r.quant.include, r.quant.exclude)
+    targets = find_targets(model, r.quant.include, r.quant.exclude, r.quant.lm_head)
     for cell in cells:  # a group size that does not fit fails here, before any cell runs
-        check_group_size(targets, QuantSpec(cell.bits, cell.group_size, r.quant.sym))
+        dynamic = r.quant.dynamic if cell.dynamic is None else cell.dynamic
+        try:
+            layer_specs(
+                targets, dataclasses.replace(r.quant, bits=cell.bits, group_size=cell.group_size, dynamic=dynamic)
+            )
+        except QatcliError as err:
+            raise QatcliError(f"cell {cell.name}: {err}") from err
     t0 = time.perf_counter()
     source = TokenSource(tokenizer, ctx.ref, r.seed, ctx.device)
     result = evaluate_on_data(model, source, r.eval, ctx.device, "eval fp")
+    tasks = evaluate_tasks(model, tokenizer, r.eval)
     row = {
         "cell": "fp",
         "method": "fp",
         "series": "fp",
         "bits": 16,
+        "avg_bits": 16,
         "group_size": None,
         "sym": None,
         "ppl": result.ppl,
@@ -174,6 +193,7 @@ def _fp_row(ctx: Context, cells: list[Cell]) -> dict[str, Any]:
         "windows": result.windows,
         "seqlen": result.seqlen,
         "data": r.eval.data,
+        **tasks,
         "quantized_bytes": sum(m.weight.numel() * 2 for m in targets.values()),  # fp16 size of the same layers
         "export_bytes": None,
         "quantize_seconds": None,
@@ -219,6 +239,7 @@ def _evaluate_export(ctx: Context, cell: Cell, export: Path) -> dict[str, Any]:
     model, tokenizer, _ = load_gptq_model(export, ctx.device)
     source = TokenSource(tokenizer, ctx.ref, r.seed, ctx.device)
     result = evaluate_on_data(model, source, r.eval, ctx.device, f"eval {cell.name}")
+    tasks = evaluate_tasks(model, tokenizer, r.eval)
     del model
     gc.collect()
     return {
@@ -227,8 +248,16 @@ def _evaluate_export(ctx: Context, cell: Cell, export: Path) -> dict[str, Any]:
         "windows": result.windows,
         "seqlen": result.seqlen,
         "data": r.eval.data,
+        **tasks,
         "eval_seconds": round(time.perf_counter() - t0, 3),
     }
+
+
+def average_bits(meta: dict[str, Any]) -> float:
+    """Bits per quantized weight of a checkpoint: sum of bits x weights over its quantized layers / their weights."""
+    layers = meta["layers"].values()
+    weights = sum(info["in_features"] * info["out_features"] for info in layers)
+    return sum(info["bits"] * info["in_features"] * info["out_features"] for info in layers) / weights
 
 
 def _run_cell(ctx: Context, cell: Cell) -> dict[str, Any]:
@@ -242,7 +271,10 @@ def _run_cell(ctx: Context, cell: Cell) -> dict[str, Any]:
         state = None
     result = _read_json(directory / "result.json")
     if state is not None and result is not None and result.get("eval_key") == ekey:
-        return {**result["row"], "status": "reused"}
+        reused = result["row"]
+        if "avg_bits" not in reused and is_checkpoint(Path(str(recipe.output))):  # a result from before avg_bits
+            reused["avg_bits"] = average_bits(read_meta(Path(str(recipe.output))))
+        return {**reused, "status": "reused"}
 
     if state is None:
         state = {"cell": cell.name, "key": key, "seconds": 0.0}
@@ -267,6 +299,7 @@ def _run_cell(ctx: Context, cell: Cell) -> dict[str, Any]:
         "steps": cell.steps,
         "block_epochs": _block_epochs(meta),
         "bits": cell.bits,
+        "avg_bits": average_bits(meta),
         "group_size": cell.group_size,
         "sym": recipe.quant.sym,
         **_evaluate_export(ctx, cell, export),
@@ -317,9 +350,10 @@ def _write_outputs(ctx: Context, recipe_path: Path, fp: dict[str, Any], rows: li
     }
     write_json_atomic(out / "compare.json", summary)
     with atomic_file(out / "compare.csv") as tmp, tmp.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        columns = [*CSV_COLUMNS, *flat_task_fields(fp)]  # each task's main metric and its stderr
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(everything)
+        writer.writerows({**r, **flat_task_fields(r)} for r in everything)
     title = f"{Path(str(ctx.recipe.model)).name} on {Path(str(ctx.recipe.eval.data)).name}"
     with atomic_file(out / "compare.png") as tmp:
         plot_compare(fp, rows, title, tmp)

@@ -29,9 +29,10 @@ from qatcli.formats.checkpoint import is_checkpoint, load_checkpoint, read_meta
 from qatcli.formats.packed_model import PackedLinear, load_gptq_model, read_gptq_config
 from qatcli.pipeline.inputs import Problems
 from qatcli.qat.block import BLOCK_METRICS_FILE, block_records
-from qatcli.qat.losses import ce_loss
+from qatcli.qat.losses import model_ce_loss
 from qatcli.qat.trainer import METRICS_FILE
 from qatcli.quant.gptq import HessianAccumulator
+from qatcli.quant.targets import untie_lm_head
 from qatcli.report.progress import progress_bar
 from qatcli.runtime import resolve_device, seed_everything
 
@@ -59,7 +60,11 @@ def check_diagnose(recipe: Recipe, fp: str | None, quantized: list[str]) -> None
 def load_quantized_point(spec: str, layer_names: list[str]) -> QuantizedPoint:
     """The quantized (and, for QAT, latent) weights of ``layer_names`` in a checkpoint or GPTQ directory."""
     path = Path(spec)
+    folded = f"'{spec}' changed parameters other than the quantized weights (AWQ folds its scales into the norms): "
+    folded += "the segment from the fp weights is defined for the quantized layers' weights only"
     if is_checkpoint(path):
+        if read_meta(path).get("changed"):
+            raise QatcliError(folded)
         model, _, meta, layers = load_checkpoint(path, torch.device("cpu"), fake_quant=False)
         missing = sorted(set(layer_names) - set(layers))
         if missing:
@@ -69,6 +74,8 @@ def load_quantized_point(spec: str, layer_names: list[str]) -> QuantizedPoint:
         kind = f"{meta['method']} (qatcli)"
         point = QuantizedPoint(path.name, kind, weights, latent if meta["method"] == "qat" else None)
     else:
+        if (read_gptq_config(path) or {}).get("meta", {}).get("qatcli_method") == "awq":
+            raise QatcliError(folded)
         model, _, qcfg = load_gptq_model(path, torch.device("cpu"))
         weights = {}
         for name in layer_names:
@@ -101,7 +108,7 @@ class Landscape:
         return perplexity(self.model, self.windows, self.device, "loss").nll
 
     def loss_and_grad(self, point: Point) -> tuple[float, Point]:
-        """The mean token NLL over the windows (the mean of ce_loss per batch of 4) and its gradient."""
+        """The mean token NLL over the windows (the mean of model_ce_loss per batch of 4) and its gradient."""
         self._set(point)
         weights = [m.weight for m in self.modules.values()]
         for w in weights:
@@ -110,7 +117,7 @@ class Landscape:
         total = 0.0
         for batch in batches:
             batch = batch.to(self.device)
-            loss = ce_loss(self.model(batch, use_cache=False).logits, batch) * batch.shape[0] / len(self.windows)
+            loss = model_ce_loss(self.model, batch) * batch.shape[0] / len(self.windows)
             loss.backward()
             total += float(loss)
         grads = {name: m.weight.grad.detach().cpu().clone() for name, m in self.modules.items()}
@@ -156,6 +163,8 @@ def diagnose(recipe: Recipe, fp_spec: str | None, quantized: list[str]) -> dict[
     ts = [cfg.t_max * i / (cfg.points - 1) for i in range(cfg.points)]
 
     names = _quantized_names(Path(quantized[0]))
+    if any(model.get_submodule(name) is model.get_output_embeddings() for name in names):
+        untie_lm_head(model)  # a quantized lm_head (quant.lm_head) moves alone, not the embeddings tied to it
     landscape = Landscape(model, names, windows, device)
     hessians = landscape.hessians(windows[: cfg.hessian_windows])
     fp_loss = landscape.loss(landscape.fp)

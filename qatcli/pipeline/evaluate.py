@@ -1,4 +1,4 @@
-"""Perplexity of any mix of full-precision models, qatcli checkpoints and GPTQ-format directories."""
+"""Perplexity and task accuracy of any mix of full-precision models, qatcli checkpoints and GPTQ-format directories."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from qatcli.config import Recipe
 from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.data.perplexity import evaluate_on_data
+from qatcli.data.tasks import check_tasks, evaluate_tasks
 from qatcli.data.tokens import TokenSource
 from qatcli.errors import QatcliError
+from qatcli.formats import compressed_tensors
 from qatcli.formats.checkpoint import base_model_ref, is_checkpoint, load_checkpoint
 from qatcli.formats.packed_model import PackedLinear, load_gptq_model, packed_layer_bytes, read_gptq_config
 from qatcli.pipeline.inputs import Problems
@@ -74,6 +76,20 @@ def load_for_eval(spec: str, device: torch.device) -> Loaded:
             "base_model": qmeta.get("qatcli_base_model"),
         }
         return Loaded(model, tokenizer, info, _base_of(info["base_model"]))
+    if path.is_dir() and (ctcfg := compressed_tensors.read_config(path)) is not None:
+        model = compressed_tensors.load_model(path, device)
+        provenance = ctcfg.get("qatcli", {})
+        weights = next(iter(ctcfg["config_groups"].values()))["weights"]
+        info = {
+            "method": provenance.get("method", "unknown"),
+            "format": compressed_tensors.FORMAT,
+            "bits": weights["num_bits"],
+            "group_size": weights["group_size"] or -1,
+            "sym": weights["symmetric"],
+            "weight_bytes": compressed_tensors.packed_bytes(path),
+            "base_model": provenance.get("base_model"),
+        }
+        return Loaded(model, AutoTokenizer.from_pretrained(path), info, _base_of(info["base_model"]))
     ref = resolve_model(spec)
     model = load_model(ref, device)
     fp16_bytes = sum(m.weight.numel() * 2 for m in find_targets(model, [], []).values())
@@ -93,7 +109,10 @@ def check_eval(recipe: Recipe, models: list[str]) -> None:
     problems = Problems()
     if not models:
         problems.add("no model to evaluate: give MODEL_OR_CHECKPOINT arguments or set eval.models")
-    problems.data(recipe.eval.data, "no evaluation data: pass --data or set eval.data in the recipe")
+    if recipe.eval.data is not None or not recipe.eval.tasks:
+        problems.data(recipe.eval.data, "no evaluation data: pass --data or --tasks, or set eval.data or eval.tasks")
+    with problems.check():
+        check_tasks(recipe.eval)
     for spec in models:
         if not is_checkpoint(Path(spec)) and read_gptq_config(Path(spec)) is None:
             problems.model(spec, "")
@@ -101,29 +120,28 @@ def check_eval(recipe: Recipe, models: list[str]) -> None:
 
 
 def evaluate_models(recipe: Recipe, models: list[str]) -> list[dict[str, Any]]:
-    """One result row per model, all on the same windows of ``recipe.eval.data``."""
+    """One result row per model: perplexity on the same windows of ``recipe.eval.data`` and/or the
+    lm-evaluation-harness tasks of ``recipe.eval.tasks``."""
     check_eval(recipe, models)
     device = resolve_device(recipe.device)
-    assert recipe.eval.data is not None
     rows = []
     for spec in models:
         seed_everything(recipe.seed, recipe.deterministic)
         t0 = time.perf_counter()
         loaded = load_for_eval(spec, device)
-        source = TokenSource(loaded.tokenizer, loaded.base, recipe.seed, device)
-        result = evaluate_on_data(loaded.model, source, recipe.eval, device, Path(spec).name)
-        rows.append(
-            {
-                "name": spec,
-                **loaded.info,
+        row = {"name": spec, **loaded.info}
+        if recipe.eval.data is not None:
+            source = TokenSource(loaded.tokenizer, loaded.base, recipe.seed, device)
+            result = evaluate_on_data(loaded.model, source, recipe.eval, device, Path(spec).name)
+            row |= {
                 "ppl": result.ppl,
                 "nll": result.nll,
                 "windows": result.windows,
                 "seqlen": result.seqlen,
                 "data": recipe.eval.data,
-                "seconds": round(time.perf_counter() - t0, 3),
             }
-        )
+        row |= evaluate_tasks(loaded.model, loaded.tokenizer, recipe.eval)
+        rows.append({**row, "seconds": round(time.perf_counter() - t0, 3)})
         del loaded
         gc.collect()
     return rows

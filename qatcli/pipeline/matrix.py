@@ -10,7 +10,7 @@ and how it is exported).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,18 +18,26 @@ from qatcli.config import Recipe
 from qatcli.errors import QatcliError
 from qatcli.recipe import as_list, flatten, load_recipe
 
-PTQ_CELL_METHODS = ("rtn", "gptq")
+PTQ_CELL_METHODS = ("rtn", "gptq", "awq")
 
 
 @dataclass(frozen=True)
 class Cell:
-    method: str  # rtn | gptq | qat
+    method: str  # rtn | gptq | awq | qat
     bits: int
     group_size: int | str  # an int once auto is resolved
     estimator: str | None = None  # qat only, passed to the qat recipe as it is
     init: str | None = None  # qat only
     steps: int | None = None  # qat only
     block_epochs: int | str | None = None  # qat only, where the entry names it (else the recipe's qat.block.epochs)
+    # the entry's dynamic rules (None: the recipe's quant.dynamic) and what the cell name calls them
+    dynamic: dict[str, dict[str, Any]] | None = field(default=None, hash=False)
+    dynamic_name: str | None = None
+
+    @property
+    def mix(self) -> str:
+        """The name's suffix for the entry's own dynamic rules: -mix, or -<dynamic_name>."""
+        return f"-{self.dynamic_name or 'mix'}" if self.dynamic else ""
 
     @property
     def init_name(self) -> str:
@@ -41,18 +49,19 @@ class Cell:
     def name(self) -> str:
         """A directory name: rtn-w3-g64, qat-ste-rtn-w2-g64-s200, qat-ste-fp-w2-g64-s20-b2 (block epochs named)."""
         if self.method != "qat":
-            return f"{self.method}-w{self.bits}-g{self.group_size}"
+            return f"{self.method}-w{self.bits}-g{self.group_size}{self.mix}"
         init = re.sub(r"[^\w.-]", "_", self.init_name)
         blocks = "" if self.block_epochs is None else f"-b{self.block_epochs}"
-        return f"qat-{self.estimator}-{init}-w{self.bits}-g{self.group_size}-s{self.steps}{blocks}"
+        return f"qat-{self.estimator}-{init}-w{self.bits}-g{self.group_size}-s{self.steps}{blocks}{self.mix}"
 
     @property
     def series(self) -> str:
         """The cells that differ only in bits and group size form one series (a line in the figure)."""
+        mix = f" {self.mix[1:]}" if self.mix else ""
         if self.method != "qat":
-            return self.method
+            return self.method + mix
         blocks = "" if self.block_epochs is None else f", block epochs {self.block_epochs}"
-        return f"qat {self.estimator} ({self.init_name} init, {self.steps} steps{blocks})"
+        return f"qat {self.estimator} ({self.init_name} init, {self.steps} steps{blocks}){mix}"
 
 
 def expand(recipe: Recipe, auto_group_size: int | None = None) -> list[Cell]:
@@ -77,7 +86,9 @@ def expand(recipe: Recipe, auto_group_size: int | None = None) -> list[Cell]:
             for g in groups:
                 for b in bits:
                     group = auto_group_size if g == "auto" and auto_group_size is not None else g
-                    cells.append(Cell(m.method, b, group, estimator, init, steps, block_epochs))
+                    cells.append(
+                        Cell(m.method, b, group, estimator, init, steps, block_epochs, m.dynamic, m.dynamic_name)
+                    )
     names = [cell.name for cell in cells]
     for name in names:
         if names.count(name) > 1:
@@ -98,6 +109,8 @@ def cell_recipe(base: Recipe, cell: Cell, directory: Path) -> Recipe:
             "quant.group_size": cell.group_size,
         }
     )
+    if cell.dynamic is not None:
+        values["quant.dynamic"] = cell.dynamic
     if cell.method in PTQ_CELL_METHODS:
         values["quant.method"] = cell.method
     else:
@@ -114,12 +127,17 @@ def checkpoint_key(recipe: Recipe, cell: Cell) -> dict[str, Any]:
     """The settings a cell's checkpoint depends on (not the device, not evaluation or export)."""
     d = recipe.to_dict()
     quant = dict(d["quant"])
+    for name, unset in (("dynamic", {}), ("lm_head", False)):  # keys made before these existed stay as they were
+        if quant.get(name) == unset:
+            del quant[name]
     key: dict[str, Any] = {"method": cell.method, "model": d["model"], "seed": d["seed"], "quant": quant}
     if cell.method == "qat":
         del quant["method"]
         key["qat"] = d["qat"]
     if cell.method == "gptq" or (cell.method == "qat" and cell.init == "gptq"):
         key["calib"], key["gptq"] = d["calib"], d["gptq"]
+    if cell.method == "awq":
+        key["calib"], key["awq"] = d["calib"], d["awq"]
     return key
 
 
@@ -127,6 +145,8 @@ def eval_key(recipe: Recipe, with_export: bool = True) -> dict[str, Any]:
     """The settings of the evaluation (and of a cell's export) in the compare recipe: equal keys, same windows."""
     d = recipe.to_dict()
     key = {"model": d["model"], "seed": d["seed"], "eval": {k: d["eval"][k] for k in ("data", "seqlen", "max_windows")}}
+    if d["eval"]["tasks"]:  # without tasks the key stays as it was, so earlier results are still reused
+        key["eval"] |= {k: d["eval"][k] for k in ("tasks", "task_dirs", "num_fewshot", "limit")}
     if with_export:
         key["export"] = {k: v for k, v in d["export"].items() if k != "output"}
     return key

@@ -1,9 +1,10 @@
-"""Post-training quantization of a full-precision model into a qatcli checkpoint (RTN or GPTQ)."""
+"""Post-training quantization of a full-precision model into a qatcli checkpoint (RTN, GPTQ or AWQ)."""
 
 from __future__ import annotations
 
+import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,24 +20,31 @@ from qatcli.data.tokens import TokenSource
 from qatcli.formats.checkpoint import provenance, save_checkpoint
 from qatcli.outputs import atomic_dir
 from qatcli.pipeline.inputs import Problems
+from qatcli.quant.awq import AWQStats, quantize_awq
 from qatcli.quant.gptq_model import GPTQStats, quantize_gptq
 from qatcli.quant.grid import QuantSpec
-from qatcli.quant.layer import LayerQuant, fake_quantized, quantized_bytes
+from qatcli.quant.layer import LayerQuant, average_bits, fake_quantized, quantized_bytes
 from qatcli.quant.rtn import quantize_rtn
-from qatcli.quant.targets import check_group_size, find_targets, resolve_group_size
+from qatcli.quant.targets import find_targets, plan_quantization, spec_fields, untie_lm_head
 from qatcli.report.progress import stderr_console
 from qatcli.runtime import resolve_device, seed_everything
 
 
 @dataclass
 class Base:
-    """A loaded full-precision model, the layers to quantize and the grid they get."""
+    """A loaded full-precision model, the layers to quantize and the grid each gets: ``spec`` is the recipe's
+    default (quant.bits, group_size, sym), ``specs`` each layer's own (quant.dynamic rules applied), ``dynamic``
+    the rules with their group sizes resolved, ``untied`` the input embeddings' weight that lm_head shared
+    before it got its own copy (None: not tied, or lm_head not quantized)."""
 
     ref: ModelRef
     model: nn.Module
     tokenizer: PreTrainedTokenizerBase
     targets: dict[str, nn.Linear]
     spec: QuantSpec
+    specs: dict[str, QuantSpec]
+    dynamic: dict[str, dict[str, Any]] = field(default_factory=dict)
+    untied: str | None = None
 
 
 @dataclass
@@ -45,6 +53,7 @@ class Made:
 
     output: Path
     meta: dict[str, Any]
+    specs: dict[str, QuantSpec] = field(default_factory=dict)  # each quantized layer's grid
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -56,16 +65,38 @@ def base_meta(ref: ModelRef) -> dict[str, str]:
 
 
 def load_base(recipe: Recipe, ref: ModelRef, device: torch.device) -> Base:
-    """The model in fp32 on ``device`` with its quantization targets; the group size must fit them."""
+    """The model in fp32 on ``device`` with its quantization targets and their grids (each group size must fit
+    its layer); with quant.lm_head, lm_head gets its own weight where it shares the input embeddings'."""
     q = recipe.quant
     model = load_model(ref, device)
     tokenizer = load_tokenizer(ref)
-    targets = find_targets(model, q.include, q.exclude)
-    spec = QuantSpec(q.bits, resolve_group_size(q.group_size, targets), q.sym)
-    check_group_size(targets, spec)
+    targets = find_targets(model, q.include, q.exclude, q.lm_head)
+    plan = plan_quantization(targets, q)
+    untied = untie_lm_head(model) if q.lm_head else None
     if q.group_size == "auto":
-        stderr_console.print(f"group size auto -> {spec.group_size}")
-    return Base(ref, model, tokenizer, targets, spec)
+        stderr_console.print(f"group size auto -> {plan.default.group_size}")
+    return Base(ref, model, tokenizer, targets, plan.default, plan.specs, plan.dynamic, untied)
+
+
+def quantization_meta(recipe: Recipe, base: Base) -> dict[str, Any]:
+    """The checkpoint's stated grid: the default spec, the dynamic rules (group sizes resolved) where the
+    recipe has any, and whether lm_head is quantized (and untied from the embeddings)."""
+    spec = base.spec
+    meta: dict[str, Any] = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.sym}
+    # a layer the rules do not describe (QAT from a checkpoint whose group sizes `auto` accepted) gets its own
+    # exact rule in front, so that the stated grid is each layer's grid
+    exact = {
+        f"^{re.escape(name)}$": {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
+        for name, s in base.specs.items()
+        if spec_fields(name, meta, base.dynamic) != {"bits": s.bits, "group_size": s.group_size, "sym": s.sym}
+    }
+    if base.dynamic or exact:
+        meta["dynamic"] = {**exact, **base.dynamic}
+    if recipe.quant.lm_head:
+        meta["lm_head"] = True
+        if base.untied is not None:
+            meta["untied_lm_head"] = base.untied
+    return meta
 
 
 def gptq_layers(
@@ -75,7 +106,22 @@ def gptq_layers(
     c = recipe.calib
     assert c.data is not None
     windows = calibration_windows(source.tokens(c.data, "calib"), c.nsamples, c.seqlen, recipe.seed)
-    return quantize_gptq(base.model, base.targets, base.spec, recipe.gptq, recipe.quant.clip, windows, device)
+    return quantize_gptq(base.model, base.targets, base.specs, recipe.gptq, recipe.quant.clip, windows, device)
+
+
+def awq_layers(
+    recipe: Recipe, base: Base, source: TokenSource, device: torch.device
+) -> tuple[dict[str, LayerQuant], AWQStats]:
+    """AWQ with the recipe's calibration windows and options; folds the scales into ``base.model``."""
+    c = recipe.calib
+    assert c.data is not None
+    windows = calibration_windows(source.tokens(c.data, "calib"), c.nsamples, c.seqlen, recipe.seed)
+    return quantize_awq(base.model, base.targets, base.specs, recipe.awq, recipe.quant.clip, windows, device)
+
+
+def calibration_metrics(recipe: Recipe) -> dict[str, Any]:
+    c = recipe.calib
+    return {"data": c.data, "nsamples": c.nsamples, "seqlen": c.seqlen}
 
 
 def check_ptq(recipe: Recipe, force: bool) -> ModelRef:
@@ -84,9 +130,10 @@ def check_ptq(recipe: Recipe, force: bool) -> ModelRef:
     ref = problems.model(recipe.model, "give MODEL on the command line or set 'model' in the recipe")
     missing = "no output directory: pass -o DIR or set 'output' in the recipe"
     problems.output(recipe.output, force, missing, inputs=(recipe.model,))
-    if recipe.quant.method == "gptq":
+    method = recipe.quant.method
+    if method in ("gptq", "awq"):
         problems.data(
-            recipe.calib.data, "gptq needs calibration data: pass --calib-data or set calib.data in the recipe"
+            recipe.calib.data, f"{method} needs calibration data: pass --calib-data or set calib.data in the recipe"
         )
     if recipe.eval.data is not None:
         problems.data(recipe.eval.data, "")
@@ -123,27 +170,39 @@ def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
     load_seconds = time.perf_counter() - t0
 
     q = recipe.quant
-    quantization: dict[str, Any] = {"bits": q.bits, "group_size": base.spec.group_size, "sym": q.sym, "clip": q.clip}
+    quantization: dict[str, Any] = {**quantization_meta(recipe, base), "clip": q.clip}
     extra: dict[str, Any] = {}
     t0 = time.perf_counter()
     if q.method == "gptq":
-        c = recipe.calib
         layers, stats = gptq_layers(recipe, base, source, device)
         quantization.update(recipe.gptq.quantization_fields())
         extra = {
-            "calibration": {"data": c.data, "nsamples": c.nsamples, "seqlen": c.seqlen},
+            "calibration": calibration_metrics(recipe),
             "gptq_loss": sum(stats.loss.values()),
             "damp_raised": stats.damp_raised,
             "peak_rss_mib": round(stats.peak_rss_mib, 1),
             "peak_cuda_mib": None if stats.peak_cuda_mib is None else round(stats.peak_cuda_mib, 1),
         }
+    elif q.method == "awq":
+        layers, awq = awq_layers(recipe, base, source, device)
+        quantization.update(recipe.awq.quantization_fields())
+        extra = {
+            "calibration": calibration_metrics(recipe),
+            "awq_alpha": awq.alpha,
+            "awq_loss": sum(awq.loss.values()),
+            "awq_rtn_loss": sum(awq.rtn_loss.values()),
+            "awq_skipped": awq.skipped,
+            "peak_rss_mib": round(awq.peak_rss_mib, 1),
+            "peak_cuda_mib": None if awq.peak_cuda_mib is None else round(awq.peak_cuda_mib, 1),
+        }
     else:
-        layers = quantize_rtn(base.targets, base.spec, q.clip)
+        layers = quantize_rtn(base.targets, base.specs, q.clip)
     metrics: dict[str, Any] = {
         "load_seconds": round(load_seconds, 3),
         "quantize_seconds": round(time.perf_counter() - t0, 3),
         "quantized_layers": len(layers),
         "quantized_bytes": quantized_bytes(layers),
+        "avg_bits": average_bits(layers),
         "fp16_bytes": sum(m.weight.numel() * 2 for m in base.targets.values()),
         **extra,
     }
@@ -159,4 +218,4 @@ def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
     }
     with atomic_dir(out, force) as tmp:
         save_checkpoint(tmp, base.model, base.tokenizer, layers, meta)
-    return Made(out, meta)
+    return Made(out, meta, {name: lq.spec for name, lq in layers.items()})

@@ -32,16 +32,16 @@ from qatcli.formats.checkpoint import (
 )
 from qatcli.outputs import atomic_dir, write_json_atomic
 from qatcli.pipeline.inputs import Problems
-from qatcli.pipeline.ptq import Base, Made, base_meta, evaluate_layers, gptq_layers, load_base
+from qatcli.pipeline.ptq import Base, Made, base_meta, evaluate_layers, gptq_layers, load_base, quantization_meta
 from qatcli.pipeline.resume import check_resumed_run, record_run
 from qatcli.qat.block import BLOCK_METRICS_FILE, BlockReport, block_records, saved_blocks, train_blocks
 from qatcli.qat.estimators import make_estimator
 from qatcli.qat.fake_quant import convert_qat, prepare_qat
-from qatcli.qat.losses import ce_loss
+from qatcli.qat.losses import model_ce_loss
 from qatcli.qat.trainer import METRICS_FILE, STATE_FILE, InterruptedAtStep, Trainer
-from qatcli.quant.grid import QuantSpec
-from qatcli.quant.layer import LayerQuant, apply_fake_quant, quantized_bytes
+from qatcli.quant.layer import LayerQuant, apply_fake_quant, average_bits, quantized_bytes
 from qatcli.quant.rtn import quantize_rtn
+from qatcli.quant.targets import plan_quantization, spec_fields
 from qatcli.report.progress import stderr_console
 from qatcli.runtime import peak_memory_mib, resolve_device, seed_everything
 
@@ -103,23 +103,47 @@ def _initial_model(recipe: Recipe, device: torch.device) -> tuple[Base, dict, To
     q, init = recipe.quant, recipe.qat.init
     if init not in INITS:
         model, tokenizer, meta, layers = load_checkpoint(Path(init), device, fake_quant=False)
-        got = next(iter(layers.values())).spec
-        spec = QuantSpec(q.bits, got.group_size if q.group_size == "auto" else int(q.group_size), q.sym)
-        if got != spec:
-            raise QatcliError(f"init checkpoint '{init}' has {got}, the recipe asks for {spec}")
-        ref = base_model_ref(Path(init), meta)
         targets = {name: model.get_submodule(name) for name in layers}
-        base = Base(ref, model, tokenizer, targets, spec)
-        return base, layers, TokenSource(tokenizer, ref, recipe.seed, device)
+        base = _init_checkpoint_base(recipe, Path(init), meta, model, tokenizer, layers, targets)
+        return base, layers, TokenSource(tokenizer, base.ref, recipe.seed, device)
     base = load_base(recipe, resolve_model(str(recipe.model)), device)
     source = TokenSource(base.tokenizer, base.ref, recipe.seed, device)
     if init == "gptq":
         layers, _ = gptq_layers(recipe, base, source, device)
     else:
-        layers = quantize_rtn(base.targets, base.spec, q.clip)
+        layers = quantize_rtn(base.targets, base.specs, q.clip)
         if init == "rtn":
             apply_fake_quant(base.model, layers)  # latent weights start on their grid points
     return base, layers, source
+
+
+def _init_checkpoint_base(
+    recipe: Recipe, init: Path, meta: dict, model, tokenizer, layers: dict[str, LayerQuant], targets: dict
+) -> Base:
+    """The Base of a run that starts from a checkpoint: each layer's grid must be the one the recipe gives it
+    (bits and sym always; the group size where the recipe names one, as ``auto`` accepts the checkpoint's)."""
+    q = recipe.quant
+    stated = meta.get("quantization", {})
+    if bool(stated.get("lm_head", False)) != q.lm_head:
+        has = "quantizes" if stated.get("lm_head") else "does not quantize"
+        want = "true" if stated.get("lm_head") else "false"
+        raise QatcliError(f"init checkpoint '{init}' {has} lm_head; set quant.lm_head to {want} to match")
+    default_group = stated.get("group_size") if q.group_size == "auto" else q.group_size
+    quant = dataclasses.replace(q, group_size=default_group if isinstance(default_group, int) else q.group_size)
+    plan = plan_quantization(targets, quant)
+    differ = []
+    for name, lq in layers.items():
+        want = plan.specs[name]
+        if spec_fields(name, {"group_size": q.group_size}, q.dynamic)["group_size"] == "auto":
+            want = dataclasses.replace(want, group_size=lq.spec.group_size)
+        if lq.spec != want:
+            differ.append(f"{name} has {lq.spec}, the recipe asks for {want}")
+    if differ:
+        more = f" (and {len(differ) - 1} more layers)" if len(differ) > 1 else ""
+        raise QatcliError(f"init checkpoint '{init}': {differ[0]}{more}")
+    specs = {name: lq.spec for name, lq in layers.items()}
+    untied = stated.get("untied_lm_head") if q.lm_head else None
+    return Base(base_model_ref(init, meta), model, tokenizer, targets, plan.default, specs, plan.dynamic, untied)
 
 
 def _block_stage(
@@ -127,7 +151,7 @@ def _block_stage(
 ) -> tuple[dict[str, LayerQuant], BlockReport | None, int]:
     """The block-wise stage where the recipe asks for it and no end-to-end state has superseded it."""
     t = recipe.qat
-    epochs = t.block.epochs_for(base.spec.bits)
+    epochs = t.block.epochs_for(min(spec.bits for spec in base.specs.values()))  # the lowest bits decide
     workdir = run_dir(Path(str(recipe.output)))
     if epochs == 0 or (workdir / STATE_FILE).is_file():  # a saved end-to-end state holds the stage's result
         return layers, None, epochs
@@ -181,9 +205,7 @@ def _end_to_end(
         fp = {name: fp_model.get_submodule(name).weight.detach() for name in fakes}
         probe = TrainBatches(tokens, t.seqlen, t.batch_size, recipe.seed + 2).next_batch().to(device)
         model = base.model
-        record_landscape = LandscapeRecorder(
-            model, fakes, fp, lambda: ce_loss(model(probe, use_cache=False).logits, probe)
-        ).record
+        record_landscape = LandscapeRecorder(model, fakes, fp, lambda: model_ce_loss(model, probe)).record
 
     try:
         trainer.train(stop_after, evaluate=evaluate, record_landscape=record_landscape)
@@ -212,14 +234,12 @@ def _check_trained(base: Base, layers: dict[str, LayerQuant], workdir: Path) -> 
 
 
 def _qat_meta(recipe: Recipe, base: Base, layers: dict[str, LayerQuant], epochs: int, device: torch.device) -> dict:
-    t, spec = recipe.qat, base.spec
+    t = recipe.qat
     return {
         "method": "qat",
         "base_model": base_meta(base.ref),
         "quantization": {
-            "bits": spec.bits,
-            "group_size": spec.group_size,
-            "sym": spec.sym,
+            **quantization_meta(recipe, base),
             "desc_act": any(lq.act_order for lq in layers.values()),
         },
         "qat": {
@@ -294,6 +314,7 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
         "mean_step_seconds": sum(r["step_seconds"] for r in records) / len(records) if records else None,
         "quantized_layers": len(layers),
         "quantized_bytes": quantized_bytes(layers),
+        "avg_bits": average_bits(layers),
         **peak_memory_mib(device),
     }
     recorded = [(r["step"], r["landscape"]) for r in records if "landscape" in r]
@@ -315,4 +336,4 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
         if recorded_blocks := block_records(workdir):
             (tmp / BLOCK_METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in recorded_blocks))
     shutil.rmtree(workdir)
-    return Made(out, meta)
+    return Made(out, meta, {name: lq.spec for name, lq in layers.items()})

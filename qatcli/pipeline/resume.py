@@ -12,13 +12,14 @@ import hashlib
 import json
 from fnmatch import fnmatch
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from qatcli.config import Recipe
 from qatcli.errors import QatcliError
 from qatcli.outputs import write_json_atomic
-from qatcli.recipe import flatten, shown_value
+from qatcli.recipe import default_value, flatten, shown_value
 
 RUN_RECORD_FILE = "run.json"
 MAY_CHANGE = (
@@ -35,6 +36,13 @@ def record_run(workdir: Path, recipe: Recipe, tokens: torch.Tensor) -> None:
     write_json_atomic(workdir / RUN_RECORD_FILE, {"recipe": recipe.to_dict(), "data_sha256": tokens_sha256(tokens)})
 
 
+def _default(key: str) -> Any:
+    try:
+        return default_value(key)
+    except KeyError:
+        return None
+
+
 def check_resumed_run(workdir: Path, recipe: Recipe, tokens: torch.Tensor) -> None:
     """Refuse to continue a run with settings or data other than its own (a run without a record passes)."""
     path = workdir / RUN_RECORD_FILE
@@ -42,6 +50,8 @@ def check_resumed_run(workdir: Path, recipe: Recipe, tokens: torch.Tensor) -> No
         return
     record = json.loads(path.read_text())
     before, now = flatten(record["recipe"]), flatten(recipe.to_dict())
+    for key in set(now) - set(before):  # a key added to qatcli since the run started: its default then
+        before[key] = _default(key)
     changed = [
         f"{key} ({shown_value(before.get(key))} -> {shown_value(now.get(key))})"
         for key in sorted(set(before) | set(now))

@@ -110,15 +110,20 @@ class FakeQuantLinear(nn.Module):
             self.weight, s, self.zeros, g_idx, self.spec.maxq, self.estimator, self.scale_grad_factor
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bias = None if self.bias is None else self.bias.to(x.dtype)
+    def weight_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight the forward pass multiplies ``x`` by, in the current mode (the estimator sees ``x`` in
+        "train"). The chunked output head (qatcli/data/head.py) takes lm_head's weight once per batch from here."""
         if self.mode == "latent":
-            return F.linear(x, self.weight.to(x.dtype), bias)
+            return self.weight
         if self.mode == "probe":
             self.probe_weight = self.quantized_weight().detach().requires_grad_(True)
-            return F.linear(x, self.probe_weight.to(x.dtype), bias)
+            return self.probe_weight
         self.estimator.observe(x)
-        return F.linear(x, self.quantized_weight().to(x.dtype), bias)
+        return self.quantized_weight()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.weight_for(x).to(x.dtype), bias)
 
     def codes(self) -> torch.Tensor:
         """The integer codes of the current latent weights on the current grid."""

@@ -26,7 +26,7 @@ from qatcli.errors import TrainingDiverged
 from qatcli.outputs import atomic_file
 from qatcli.qat.estimators import Estimator
 from qatcli.qat.fake_quant import FakeQuantLinear
-from qatcli.qat.losses import ce_loss, kd_loss
+from qatcli.qat.losses import model_ce_loss, model_kd_loss
 from qatcli.qat.variance_reduction import GradientCorrection
 from qatcli.report.progress import progress_bar
 
@@ -181,13 +181,11 @@ class Trainer:
     def _loss(self, ids: torch.Tensor) -> torch.Tensor:
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
         with autocast:
+            # both losses make the logits a chunk of tokens at a time (qatcli/qat/losses.py)
             if self.qat.loss == "ce":
-                return ce_loss(self.model(ids, use_cache=False).logits, ids)
+                return model_ce_loss(self.model, ids)
             assert self.teacher is not None
-            # the teacher first: its activations are gone before the student's are kept for backward
-            with torch.no_grad():
-                teacher_logits = self.teacher(ids, use_cache=False).logits
-            return kd_loss(self.model(ids, use_cache=False).logits, teacher_logits)
+            return model_kd_loss(self.model, self.teacher, ids)
 
     def _diverged(self, loss: float, grad_norm: float | None) -> bool:
         """Whether this step must not update: its loss or gradient is not finite. Raises once skips run out."""

@@ -7,6 +7,9 @@ activations; the rest of the model waits on the CPU.
 Within a block, ``true_sequential`` quantizes the layers in the order data reaches them (q/k/v, then o,
 then gate/up, then down), so each group's Hessian sees the quantized output of the group before. A block
 forward that only collects inputs stops as soon as the last layer of the group has received its input.
+
+Targets outside the blocks (lm_head, with quant.lm_head) come last, on the inputs the quantized blocks give
+them: the whole model runs once more over the windows, stopping as soon as those layers have their input.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import re
 import resource
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,6 +27,7 @@ from torch import nn
 from qatcli.quant.gptq import HessianAccumulator, gptq_quantize
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, make_layer_quant
+from qatcli.quant.targets import per_layer
 from qatcli.quant.walk import Activations, BlockWalk, Stop, run_block
 from qatcli.report.progress import progress_bar, stderr_console
 
@@ -96,11 +101,42 @@ def _collect_hessians(
     return {n: owner[shared_with.get(n, n)] for n in names}
 
 
+def _outside_hessians(
+    model: nn.Module, names: list[str], modules: dict[str, nn.Module], windows: torch.Tensor, batch_size: int
+) -> dict[str, HessianAccumulator]:
+    """The input Hessians of layers outside the blocks (lm_head), from whole-model forwards over the windows;
+    each forward stops once every named layer has its input (lm_head's logits are never computed)."""
+    device = next(model.parameters()).device
+    hessians: dict[str, HessianAccumulator] = {}
+    reached: set[str] = set()
+
+    def hook(name: str):
+        def pre_hook(_module: nn.Module, args: tuple) -> None:
+            x = args[0]
+            hessians.setdefault(name, HessianAccumulator(x.shape[-1], device)).add(x)
+            reached.add(name)
+            if len(reached) == len(names):
+                raise Stop
+
+        return pre_hook
+
+    handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        for batch in windows.split(batch_size):
+            reached.clear()
+            with contextlib.suppress(Stop):
+                model(batch.to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
 @torch.no_grad()
 def quantize_gptq(
     model: nn.Module,
     targets: dict[str, nn.Linear],
-    spec: QuantSpec,
+    spec: QuantSpec | Mapping[str, QuantSpec],
     options: GPTQOptions,
     clip: str,
     windows: torch.Tensor,
@@ -108,15 +144,28 @@ def quantize_gptq(
 ) -> tuple[dict[str, LayerQuant], GPTQStats]:
     """Quantize ``targets`` in place (their weights become the dequantized GPTQ weights).
 
-    ``windows`` are the calibration token windows, [n, seqlen]; ``options.batch_size`` of them go through a
-    block at a time.
+    ``spec`` is one spec for every layer or each layer's own (quant.targets.layer_specs). ``windows`` are the
+    calibration token windows, [n, seqlen]; ``options.batch_size`` of them go through a block at a time.
     """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    specs = per_layer(spec, targets)
     walk = BlockWalk(model, windows, options.batch_size, device)
     modules = dict(model.named_modules())
     layers: dict[str, LayerQuant] = {}
     stats = GPTQStats()
+
+    def quantize_layer(name: str, hessian: HessianAccumulator) -> None:
+        layer = modules[name]
+        result = gptq_quantize(layer.weight, hessian.H, specs[name], options, clip)
+        if result.damp != options.damp:
+            stats.damp_raised[name] = result.damp
+            stderr_console.print(
+                f"[yellow]{name}: Hessian not positive definite with damp {options.damp}; used damp {result.damp}"
+            )
+        stats.loss[name] = result.loss
+        layer.weight.copy_(result.weight.to(layer.weight.dtype))
+        layers[name] = make_layer_quant(specs[name], result.scales, result.zeros, result.g_idx, options.act_order)
 
     with progress_bar() as progress:
         block_task = progress.add_task("gptq blocks", total=len(walk.blocks), unit="block")
@@ -127,20 +176,19 @@ def quantize_gptq(
             for group in sequential_groups(names, options.true_sequential):
                 hessians = _collect_hessians(block, group, modules, walk.inputs, device)
                 for name in group:
-                    layer = modules[name]
-                    result = gptq_quantize(layer.weight, hessians[name].H, spec, options, clip)
-                    if result.damp != options.damp:
-                        stats.damp_raised[name] = result.damp
-                        stderr_console.print(
-                            f"[yellow]{name}: Hessian not positive definite with damp "
-                            f"{options.damp}; used damp {result.damp}"
-                        )
-                    stats.loss[name] = result.loss
-                    layer.weight.copy_(result.weight.to(layer.weight.dtype))
-                    layers[name] = make_layer_quant(spec, result.scales, result.zeros, result.g_idx, options.act_order)
+                    quantize_layer(name, hessians[name])
                     progress.advance(layer_task)
                 del hessians
             progress.advance(block_task)
+        outside = [n for n in targets if n not in layers]
+        if outside:  # lm_head: on what the quantized blocks give it
+            model.to(device)
+            progress.reset(layer_task, total=len(outside), description="  outside the blocks")
+            hessians = _outside_hessians(model, outside, modules, windows, options.batch_size)
+            for name in outside:
+                quantize_layer(name, hessians[name])
+                progress.advance(layer_task)
+            del hessians
 
     stats.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":

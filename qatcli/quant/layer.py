@@ -76,3 +76,10 @@ def fake_quantized(model: nn.Module, layers: dict[str, LayerQuant]) -> Iterator[
 def quantized_bytes(layers: dict[str, LayerQuant]) -> int:
     """Size of the quantized layers in the GPTQ export (qweight, qzeros, scales, g_idx)."""
     return sum(packed_bytes(lq.scales.shape[0], lq.g_idx.numel(), lq.spec) for lq in layers.values())
+
+
+def average_bits(layers: dict[str, LayerQuant]) -> float:
+    """Bits per quantized weight: sum of bits x weights over the layers / their weights (scales not counted)."""
+    weights = {name: lq.scales.shape[0] * lq.g_idx.numel() for name, lq in layers.items()}
+    total = sum(weights.values())
+    return sum(layers[name].spec.bits * n for name, n in weights.items()) / total if total else 0.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,14 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+def task_cell(result: dict[str, Any] | None) -> str:
+    """A task's main metric and its standard error (qatcli.data.tasks' summary of it): 0.438 ± 0.128."""
+    if result is None or result["value"] is None:
+        return "-"
+    stderr = "" if result["stderr"] is None else f" ± {result['stderr']:.3f}"
+    return f"{result['value']:.3f}{stderr}"
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     table = Table(title=title)
     for i, col in enumerate(columns):
@@ -38,3 +47,12 @@ def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]
     for row in rows:
         table.add_row(*(fmt(v) for v in row))
     console.print(table)
+
+
+def mixed(default: Any, values: Sequence[Any]) -> str:
+    """A per-layer setting: the default with the layers that differ counted, 2 (4 for 14 layers); 2 if none do."""
+    others = Counter(v for v in values if v != default)
+    if not others:
+        return fmt(default)
+    counts = ", ".join(f"{fmt(v)} for {n} layer{'s' if n != 1 else ''}" for v, n in others.items())
+    return f"{fmt(default)} ({counts})"
