@@ -99,13 +99,18 @@ def quantization_meta(recipe: Recipe, base: Base) -> dict[str, Any]:
     return meta
 
 
+def _calibration(recipe: Recipe, source: TokenSource) -> torch.Tensor:
+    """The recipe's calibration windows, [nsamples, seqlen]."""
+    c = recipe.calib
+    assert c.data is not None
+    return calibration_windows(source.tokens(c.data, "calib"), c.nsamples, c.seqlen, recipe.seed)
+
+
 def gptq_layers(
     recipe: Recipe, base: Base, source: TokenSource, device: torch.device
 ) -> tuple[dict[str, LayerQuant], GPTQStats]:
     """GPTQ with the recipe's calibration windows and options."""
-    c = recipe.calib
-    assert c.data is not None
-    windows = calibration_windows(source.tokens(c.data, "calib"), c.nsamples, c.seqlen, recipe.seed)
+    windows = _calibration(recipe, source)
     return quantize_gptq(base.model, base.targets, base.specs, recipe.gptq, recipe.quant.clip, windows, device)
 
 
@@ -113,9 +118,7 @@ def awq_layers(
     recipe: Recipe, base: Base, source: TokenSource, device: torch.device
 ) -> tuple[dict[str, LayerQuant], AWQStats]:
     """AWQ with the recipe's calibration windows and options; folds the scales into ``base.model``."""
-    c = recipe.calib
-    assert c.data is not None
-    windows = calibration_windows(source.tokens(c.data, "calib"), c.nsamples, c.seqlen, recipe.seed)
+    windows = _calibration(recipe, source)
     return quantize_awq(base.model, base.targets, base.specs, recipe.awq, recipe.quant.clip, windows, device)
 
 
