@@ -174,3 +174,10 @@ def test_export_command_warns_about_slow_group_sizes_and_keeps_outputs(tiny_mode
     assert forced.returncode == 0, forced.stderr
     assert "warning: group size 16" in forced.stderr
     assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 16
+
+
+def test_export_warns_that_vllm_refuses_low_bit_gptq(tiny_model_dir: Path, tmp_path: Path) -> None:
+    low = make_checkpoint(tiny_model_dir, tmp_path / "w3", QuantSpec(3, 32), "rtn")
+    made = run_cli("export", str(low), "-o", str(tmp_path / "gptq"))
+    assert made.returncode == 0, made.stderr
+    assert "3-bit GPTQ format: vLLM's GPTQ path keeps only Marlin" in " ".join(made.stderr.split())

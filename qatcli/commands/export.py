@@ -26,6 +26,13 @@ def run_export(recipe: Recipe, checkpoint_arg: str | None, force: bool) -> None:
     slow = [g for g in report.group_sizes if g not in FAST_KERNEL_GROUP_SIZES]
     if report.fmt != ct.FORMAT:
         _warn_transformers(report)
+        low = sorted({report.specs[n].bits for n in report.packed} - set(ct.FAST_KERNEL_BITS))
+        if low:
+            stderr_console.print(
+                f"[yellow]warning: {'/'.join(map(str, low))}-bit GPTQ format: vLLM's GPTQ path keeps only Marlin (4 "
+                "and 8 bits) and refuses these widths (vLLM #38288); GPTQModel and transformers on the CPU run them, "
+                "and vLLM through --format compressed-tensors with its humming kernels (docs/export.md)"
+            )
     if report.fmt == ct.FORMAT:
         _warn_compressed_tensors(report)
     elif slow:
