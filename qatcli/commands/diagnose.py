@@ -8,7 +8,7 @@ from typing import Any
 from qatcli.config import Recipe
 from qatcli.outputs import atomic_file, check_output, write_json_atomic
 from qatcli.pipeline.diagnose import diagnose, recorded_landscape
-from qatcli.report.landscape_figure import plot_profiles, plot_recorded
+from qatcli.report.landscape_figure import plot_profiles, plot_recorded, short_name
 from qatcli.report.table import print_table
 
 
@@ -26,7 +26,7 @@ def run_diagnose(
         ["model", "kind", "L(fp)", "L(Q)", "gap", "lowest at t", "L(latent)", "H-distance", "inward cos", "|-g| on d"],
         [
             [
-                Path(r["name"]).name,
+                short_name(r["name"], [q["name"] for q in result["results"]]),
                 r["kind"],
                 r["loss_fp"],
                 r["loss_quantized"],

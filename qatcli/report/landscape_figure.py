@@ -6,6 +6,16 @@ from pathlib import Path
 from typing import Any
 
 
+def short_name(name: str, names: list[str]) -> str:
+    """The last part of a model's path, or as many last parts as tell it from the others (cells/x/checkpoint)."""
+    parts = Path(name).parts
+    for k in range(1, len(parts) + 1):
+        tail = parts[-k:]
+        if sum(Path(n).parts[-k:] == tail for n in names) == 1:
+            return str(Path(*tail))
+    return name
+
+
 def plot_profiles(diagnosis: dict[str, Any], path: Path) -> None:
     """Write the figure to ``path`` as PNG whatever its name (the caller writes a temporary file)."""
     import matplotlib
@@ -17,7 +27,8 @@ def plot_profiles(diagnosis: dict[str, Any], path: Path) -> None:
     for i, r in enumerate(diagnosis["results"]):
         ts = [p["t"] for p in r["profile"]]
         losses = [p["loss"] for p in r["profile"]]
-        (line,) = ax.plot(ts, losses, marker="osD^vP*X"[i % 8], label=f"{Path(r['name']).name} ({r['kind']})")
+        label = f"{short_name(r['name'], [q['name'] for q in diagnosis['results']])} ({r['kind']})"
+        (line,) = ax.plot(ts, losses, marker="osD^vP*X"[i % 8], label=label)
         if r["loss_latent"] is not None:
             ax.plot([0], [r["loss_latent"]], marker="*", markersize=12, color=line.get_color(), linestyle="none")
     fp_loss = diagnosis["results"][0]["loss_fp"]
