@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from safetensors import safe_open
 from torch import nn
-from transformers import AutoModelForCausalLM
 
 from qatcli import __version__
 from qatcli.errors import QatcliError
@@ -155,6 +154,8 @@ def packed_bytes(directory: Path) -> int:
 
 def load_model(directory: Path, device: torch.device) -> nn.Module:
     """The model decompressed by compressed-tensors itself (through transformers), in float32 on ``device``."""
+    from transformers import AutoModelForCausalLM
+
     try:
         import compressed_tensors  # noqa: F401
         from transformers import CompressedTensorsConfig
