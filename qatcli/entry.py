@@ -3,20 +3,38 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
 
 
+def _exit_interrupted(*_: object) -> None:
+    print("qatcli: interrupted", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # at once: libraries interrupted halfway through their import can turn a normal exit into SIGINT's
+    os._exit(INTERRUPTED)
+
+
+def _load_libraries() -> None:
+    """Import torch and transformers with Ctrl-C ending the process at once. A KeyboardInterrupt raised inside
+    their import can surface in a pybind11 extension's initialisation, where C++ turns it into an abort."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background: stay deaf to Ctrl-C
+        import transformers  # noqa: F401
+        return
+    signal.signal(signal.SIGINT, _exit_interrupted)
+    import transformers  # noqa: F401
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run() -> None:
+    _load_libraries()
     try:
         from qatcli.cli import main
 
         status = main()
     except KeyboardInterrupt:
-        print("qatcli: interrupted", file=sys.stderr)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # at once: libraries interrupted halfway through their import can turn a normal exit into SIGINT's
-        os._exit(INTERRUPTED)
+        _exit_interrupted()
     sys.exit(status)
