@@ -117,6 +117,9 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
         "lr": "qat.lr",
         "scale_lr": "qat.scale_lr",
         "loss": "qat.loss",
+        "teacher_dtype": "qat.teacher_dtype",
+        "teacher_device": "qat.teacher_device",
+        "parallel": "qat.parallel",
         "variance_reduction": "qat.variance_reduction",
         "save_every": "qat.save_every",
         "eval_every": "qat.eval_every",
@@ -232,6 +235,9 @@ def qat(
     lr: Annotated[float | None, flag("qat.lr")] = None,
     scale_lr: Annotated[float | None, flag("qat.scale_lr")] = None,
     loss: Annotated[str | None, flag("qat.loss")] = None,
+    teacher_dtype: Annotated[str | None, flag("qat.teacher_dtype")] = None,
+    teacher_device: Annotated[str | None, flag("qat.teacher_device")] = None,
+    parallel: Annotated[str | None, flag("qat.parallel")] = None,
     variance_reduction: Annotated[
         bool | None, flag("qat.variance_reduction", "--variance-reduction/--no-variance-reduction")
     ] = None,

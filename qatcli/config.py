@@ -19,6 +19,8 @@ EXPORT_FORMATS = (*FORMATS, CT_FORMAT)
 QAT_LOSSES = ("kd", "ce")
 BLOCK_LOSSES = ("mse", "token_mse")
 QAT_TRAIN = ("all", "scales")
+QAT_PARALLEL = ("fsdp", "ddp")
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 AUTO_BLOCK_EPOCHS = 2
 COMPARE_METHODS = ("rtn", "gptq", "awq", "qat")
 EXPORT_DTYPES = tuple(DENSE_DTYPES)
@@ -245,6 +247,20 @@ class QATConfig:
     clip_grad: float = field(default=1.0, metadata=doc("Gradient-norm clipping"))
     loss: str = field(
         default="kd", metadata=doc("kd (distillation from the full-precision model) or ce (next-token cross-entropy)")
+    )
+    teacher_dtype: str = field(
+        default="float32",
+        metadata=doc("dtype of the kd teacher's weights: float32, bfloat16 or float16 (half its memory)"),
+    )
+    teacher_device: str = field(
+        default="auto", metadata=doc("Where the kd teacher runs: auto (the training device), cpu, cuda or cuda:N")
+    )
+    parallel: str = field(
+        default="fsdp",
+        metadata=doc(
+            "Under torchrun: fsdp (FSDP2, one unit per decoder block: weights, gradients and optimizer states "
+            "sharded over the processes) or ddp (a whole copy on each process, gradients all-reduced)"
+        ),
     )
     save_every: int = field(default=25, metadata=doc("Save the run's state every N steps"))
     skip_nonfinite: int = field(

@@ -24,7 +24,9 @@ from qatcli.config import (
     EXPORT_FORMATS,
     PTQ_METHODS,
     QAT_LOSSES,
+    QAT_PARALLEL,
     QAT_TRAIN,
+    TEACHER_DTYPES,
     CompareConfig,
     Recipe,
 )
@@ -210,6 +212,8 @@ def _value_problems(recipe: Recipe) -> list[str]:
     _one_of(problems, "qat.loss", t.loss, QAT_LOSSES)
     _one_of(problems, "qat.block.loss", t.block.loss, BLOCK_LOSSES)
     _one_of(problems, "qat.train", t.train, QAT_TRAIN)
+    _one_of(problems, "qat.parallel", t.parallel, QAT_PARALLEL)
+    _one_of(problems, "qat.teacher_dtype", t.teacher_dtype, TEACHER_DTYPES)
     if t.steps < 0:
         problems.append(f"recipe: qat.steps must be 0 or more, got {t.steps}")
     if not valid_block_epochs(t.block.epochs):

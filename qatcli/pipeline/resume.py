@@ -2,8 +2,9 @@
 
 A run records both in its run directory when it starts. ``--resume`` compares them with the resumed
 invocation's and refuses any difference, except in the keys that cannot change the trained weights (how
-often to save or evaluate, evaluation and export settings, the device) and the step count, which may not
-fall below the saved step (the schedule follows the new count).
+often to save or evaluate, evaluation and export settings, the device, where the teacher runs, how the steps
+are split over processes) and the step count, which may not fall below the saved step (the schedule follows
+the new count).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from qatcli.recipe import default_value, flatten, shown_value
 
 RUN_RECORD_FILE = "run.json"
 MAY_CHANGE = (
-    *("qat.steps", "qat.save_every", "qat.eval_every", "qat.skip_nonfinite"),
+    *("qat.steps", "qat.save_every", "qat.eval_every", "qat.skip_nonfinite", "qat.parallel", "qat.teacher_device"),
     *("eval.*", "export.*", "device", "compare.*"),
 )
 
