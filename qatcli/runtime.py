@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import random
 import resource
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -38,9 +40,34 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
     torch.manual_seed(seed)
 
 
+# The command's peak CUDA allocation before the last reset of torch's counter (GPTQ and AWQ reset it to measure
+# their own), in bytes.
+_carried_cuda_peak = 0
+
+
+def start_peak_memory(device: torch.device) -> None:
+    """Start measuring the command's peak device memory: call it before the model is loaded."""
+    global _carried_cuda_peak
+    _carried_cuda_peak = 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+@contextmanager
+def keeping_peak_memory(device: torch.device) -> Iterator[None]:
+    """Around a call that resets torch's peak counter for a measurement of its own: the command's peak so far
+    still counts in ``peak_memory_mib``."""
+    global _carried_cuda_peak
+    if device.type == "cuda":
+        _carried_cuda_peak = max(_carried_cuda_peak, torch.cuda.max_memory_allocated(device))
+    yield
+
+
 def peak_memory_mib(device: torch.device) -> dict[str, float | None]:
-    """The process's peak resident memory, and the peak CUDA allocation on ``device`` since its last reset."""
-    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    """The process's peak resident memory, and the peak CUDA allocation on ``device`` since start_peak_memory."""
+    cuda = None
+    if device.type == "cuda":
+        cuda = max(_carried_cuda_peak, torch.cuda.max_memory_allocated(device)) / 2**20
     return {
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "peak_cuda_mib": None if cuda is None else round(cuda, 1),

@@ -176,10 +176,11 @@ def load_tokenizer(ref: ModelRef) -> PreTrainedTokenizerBase:
         raise QatcliError(f"could not load the tokenizer of '{ref.spec}': {_first_line(err)}") from err
 
 
-def load_model(ref: ModelRef, device: torch.device) -> nn.Module:
-    """Load the model in float32 (quantization and eval are done in fp32) on ``device``, in eval mode."""
+def load_model(ref: ModelRef, device: torch.device, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Load the model in float32 (quantization and eval are done in fp32; a QAT teacher may take another dtype)
+    on ``device``, in eval mode."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(ref.location, dtype=dtype)
     except (OSError, ValueError, SafetensorError) as err:
         where = "from the Hugging Face hub" if ref.kind == "hub" else f"from '{ref.location}'"
         raise QatcliError(f"could not load model '{ref.spec}' {where}: {_first_line(err)}") from err

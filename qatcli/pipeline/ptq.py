@@ -27,7 +27,11 @@ from qatcli.quant.layer import LayerQuant, average_bits, fake_quantized, quantiz
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import find_targets, plan_quantization, spec_fields, untie_lm_head
 from qatcli.report.progress import stderr_console
-from qatcli.runtime import resolve_device, seed_everything
+from qatcli.runtime import keeping_peak_memory, peak_memory_mib, resolve_device, seed_everything, start_peak_memory
+
+# Methods that walk the model one decoder block at a time (qatcli/quant/walk.py): the model loads on the CPU and
+# only the block being worked on (and the layers outside the blocks) goes to the device.
+WALKING_METHODS = ("gptq", "awq")
 
 
 @dataclass
@@ -111,7 +115,8 @@ def gptq_layers(
 ) -> tuple[dict[str, LayerQuant], GPTQStats]:
     """GPTQ with the recipe's calibration windows and options."""
     windows = _calibration(recipe, source)
-    return quantize_gptq(base.model, base.targets, base.specs, recipe.gptq, recipe.quant.clip, windows, device)
+    with keeping_peak_memory(device):
+        return quantize_gptq(base.model, base.targets, base.specs, recipe.gptq, recipe.quant.clip, windows, device)
 
 
 def awq_layers(
@@ -119,7 +124,8 @@ def awq_layers(
 ) -> tuple[dict[str, LayerQuant], AWQStats]:
     """AWQ with the recipe's calibration windows and options; folds the scales into ``base.model``."""
     windows = _calibration(recipe, source)
-    return quantize_awq(base.model, base.targets, base.specs, recipe.awq, recipe.quant.clip, windows, device)
+    with keeping_peak_memory(device):
+        return quantize_awq(base.model, base.targets, base.specs, recipe.awq, recipe.quant.clip, windows, device)
 
 
 def calibration_metrics(recipe: Recipe) -> dict[str, Any]:
@@ -166,13 +172,14 @@ def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
     out = Path(str(recipe.output))
     device = resolve_device(recipe.device)
     seed_everything(recipe.seed, recipe.deterministic)
+    start_peak_memory(device)
 
     t0 = time.perf_counter()
-    base = load_base(recipe, ref, device)
+    q = recipe.quant
+    base = load_base(recipe, ref, torch.device("cpu") if q.method in WALKING_METHODS else device)
     source = TokenSource(base.tokenizer, ref, recipe.seed, device)
     load_seconds = time.perf_counter() - t0
 
-    q = recipe.quant
     quantization: dict[str, Any] = {**quantization_meta(recipe, base), "clip": q.clip}
     extra: dict[str, Any] = {}
     t0 = time.perf_counter()
@@ -183,8 +190,7 @@ def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
             "calibration": calibration_metrics(recipe),
             "gptq_loss": sum(stats.loss.values()),
             "damp_raised": stats.damp_raised,
-            "peak_rss_mib": round(stats.peak_rss_mib, 1),
-            "peak_cuda_mib": None if stats.peak_cuda_mib is None else round(stats.peak_cuda_mib, 1),
+            "quantize_peak_cuda_mib": None if stats.peak_cuda_mib is None else round(stats.peak_cuda_mib, 1),
         }
     elif q.method == "awq":
         layers, awq = awq_layers(recipe, base, source, device)
@@ -195,8 +201,7 @@ def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
             "awq_loss": sum(awq.loss.values()),
             "awq_rtn_loss": sum(awq.rtn_loss.values()),
             "awq_skipped": awq.skipped,
-            "peak_rss_mib": round(awq.peak_rss_mib, 1),
-            "peak_cuda_mib": None if awq.peak_cuda_mib is None else round(awq.peak_cuda_mib, 1),
+            "quantize_peak_cuda_mib": None if awq.peak_cuda_mib is None else round(awq.peak_cuda_mib, 1),
         }
     else:
         layers = quantize_rtn(base.targets, base.specs, q.clip)
@@ -208,6 +213,7 @@ def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
         "avg_bits": average_bits(layers),
         "fp16_bytes": sum(m.weight.numel() * 2 for m in base.targets.values()),
         **extra,
+        **peak_memory_mib(device),  # the whole command's, from before the load
     }
     if recipe.eval.data is not None:
         metrics["eval"] = evaluate_layers(base, layers, recipe, source, device, "eval")
