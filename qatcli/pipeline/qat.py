@@ -2,6 +2,11 @@
 
 While it runs, the run's state lives in ``<output>.run/`` (state.pt, metrics.jsonl); the finished checkpoint
 appears at ``<output>`` only when training completes, and the working directory is then removed.
+
+Under torchrun (qatcli/qat/distributed.py) every process loads the model and runs the stages before the
+end-to-end steps identically (RTN or GPTQ init, the block stage); process 0 alone evaluates and writes files.
+The end-to-end steps run sharded; at their end process 0 gathers the whole trained model and writes the same
+checkpoint a single process would.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ import dataclasses
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from qatcli.config import Recipe
 from qatcli.data.models import load_model, resolve_model
@@ -32,18 +40,36 @@ from qatcli.formats.checkpoint import (
 )
 from qatcli.outputs import atomic_dir, write_json_atomic
 from qatcli.pipeline.inputs import Problems
-from qatcli.pipeline.ptq import Base, Made, base_meta, evaluate_layers, gptq_layers, load_base, quantization_meta
+from qatcli.pipeline.ptq import (
+    WALKING_METHODS,
+    Base,
+    Made,
+    base_meta,
+    evaluate_layers,
+    gptq_layers,
+    load_base,
+    quantization_meta,
+)
 from qatcli.pipeline.resume import check_resumed_run, record_run
 from qatcli.qat.block import BLOCK_METRICS_FILE, BlockReport, block_records, saved_blocks, train_blocks
+from qatcli.qat.distributed import (
+    Distributed,
+    distributed_problems,
+    join,
+    launched_world_size,
+    leave,
+    main_first,
+    unsharded_copy,
+)
 from qatcli.qat.estimators import make_estimator
 from qatcli.qat.fake_quant import convert_qat, prepare_qat
 from qatcli.qat.losses import model_ce_loss
-from qatcli.qat.trainer import METRICS_FILE, STATE_FILE, InterruptedAtStep, Trainer
+from qatcli.qat.trainer import METRICS_FILE, InterruptedAtStep, Trainer, has_state
 from qatcli.quant.layer import LayerQuant, apply_fake_quant, average_bits, quantized_bytes
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import plan_quantization, spec_fields
 from qatcli.report.progress import stderr_console
-from qatcli.runtime import peak_memory_mib, resolve_device, seed_everything
+from qatcli.runtime import peak_memory_mib, resolve_device, seed_everything, start_peak_memory
 
 INITS = ("fp", "rtn", "gptq")
 BEFORE_FILE = "before.json"
@@ -57,7 +83,7 @@ def run_dir(output: Path) -> Path:
 
 def can_resume(output: Path) -> bool:
     """Whether ``output`` has an unfinished run saved: end-to-end steps, or blocks of the block stage."""
-    return (run_dir(output) / STATE_FILE).is_file() or bool(saved_blocks(run_dir(output)))
+    return has_state(run_dir(output)) or bool(saved_blocks(run_dir(output)))
 
 
 def check_init(init: str, what: str) -> None:
@@ -95,18 +121,27 @@ def check_qat(recipe: Recipe, force: bool, resume: bool) -> None:
         problems.data(recipe.eval.data, "")
     with problems.check():
         make_estimator(t, recipe.seed)
+    if t.teacher_device != "auto":
+        with problems.check():
+            resolve_device(t.teacher_device)
+    world_size = launched_world_size()
+    if world_size is not None:
+        for problem in distributed_problems(t, world_size):
+            problems.add(problem)
     problems.raise_if_any()
 
 
-def _initial_model(recipe: Recipe, device: torch.device) -> tuple[Base, dict, TokenSource]:
-    """The model with latent weights and grid to start from, and the token source of the run."""
+def _initial_model(recipe: Recipe, device: torch.device, load_device: torch.device) -> tuple[Base, dict, TokenSource]:
+    """The model with latent weights and grid to start from, and the token source of the run. The model loads on
+    ``load_device``: the CPU where only parts of it go to ``device`` at a time (GPTQ's walk, FSDP's shards)."""
     q, init = recipe.quant, recipe.qat.init
     if init not in INITS:
-        model, tokenizer, meta, layers = load_checkpoint(Path(init), device, fake_quant=False)
+        model, tokenizer, meta, layers = load_checkpoint(Path(init), load_device, fake_quant=False)
         targets = {name: model.get_submodule(name) for name in layers}
         base = _init_checkpoint_base(recipe, Path(init), meta, model, tokenizer, layers, targets)
         return base, layers, TokenSource(tokenizer, base.ref, recipe.seed, device)
-    base = load_base(recipe, resolve_model(str(recipe.model)), device)
+    walks = init in WALKING_METHODS
+    base = load_base(recipe, resolve_model(str(recipe.model)), torch.device("cpu") if walks else load_device)
     source = TokenSource(base.tokenizer, base.ref, recipe.seed, device)
     if init == "gptq":
         layers, _ = gptq_layers(recipe, base, source, device)
@@ -147,13 +182,19 @@ def _init_checkpoint_base(
 
 
 def _block_stage(
-    recipe: Recipe, base: Base, layers: dict[str, LayerQuant], tokens: torch.Tensor, device: torch.device
+    recipe: Recipe,
+    base: Base,
+    layers: dict[str, LayerQuant],
+    tokens: torch.Tensor,
+    device: torch.device,
+    group: Distributed | None,
 ) -> tuple[dict[str, LayerQuant], BlockReport | None, int]:
-    """The block-wise stage where the recipe asks for it and no end-to-end state has superseded it."""
+    """The block-wise stage where the recipe asks for it and no end-to-end state has superseded it. Under torchrun
+    every process runs it whole (it walks one block at a time, as GPTQ does); process 0 saves the blocks."""
     t = recipe.qat
     epochs = t.block.epochs_for(min(spec.bits for spec in base.specs.values()))  # the lowest bits decide
     workdir = run_dir(Path(str(recipe.output)))
-    if epochs == 0 or (workdir / STATE_FILE).is_file():  # a saved end-to-end state holds the stage's result
+    if epochs == 0 or has_state(workdir):  # a saved end-to-end state holds the stage's result
         return layers, None, epochs
     windows = calibration_windows(tokens, t.block.nsamples, t.block.seqlen, recipe.seed)
     fp_weights = None
@@ -162,11 +203,33 @@ def _block_stage(
         fp_weights = {name: fp_model.get_submodule(name).weight.detach() for name in layers}
         del fp_model
     try:
-        layers, report = train_blocks(base.model, layers, windows, t, epochs, recipe.seed, device, workdir, fp_weights)
+        save = group is None or group.is_main
+        layers, report = train_blocks(
+            base.model, layers, windows, t, epochs, recipe.seed, device, workdir, fp_weights, save
+        )
     except KeyboardInterrupt:
         message = "interrupted in the block stage (finished blocks are kept); continue with --resume"
         raise Interrupted(message) from None
     return layers, report, epochs
+
+
+@contextmanager
+def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """``model`` on ``device`` inside the block and back where it was after: an evaluation of the model that FSDP
+    takes from the CPU (a no-op where the model is on the device already)."""
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to(home)
+
+
+def _teacher(recipe: Recipe, base: Base, device: torch.device) -> nn.Module:
+    """The full-precision model of the kd loss, in qat.teacher_dtype on qat.teacher_device."""
+    t = recipe.qat
+    where = device if t.teacher_device == "auto" else resolve_device(t.teacher_device)
+    return load_model(base.ref, where, getattr(torch, t.teacher_dtype))
 
 
 def _end_to_end(
@@ -177,17 +240,22 @@ def _end_to_end(
     tokens: torch.Tensor,
     device: torch.device,
     stop_after: int | None,
-) -> tuple[dict[str, LayerQuant], list[dict[str, Any]]] | None:
-    """The end-to-end steps (none where qat.steps is 0); None where the invocation stopped before the last."""
+    group: Distributed | None,
+) -> tuple[Base, dict[str, LayerQuant], list[dict[str, Any]]] | None:
+    """The end-to-end steps (none where qat.steps is 0): the base holding the trained model, its grids and the
+    steps' records; None where the invocation stopped before the last step, and on every process but the first
+    of a distributed run."""
     t = recipe.qat
     if t.steps == 0:
-        return layers, []
+        return None if group is not None and not group.is_main else (base, layers, [])
     workdir = run_dir(Path(str(recipe.output)))
-    teacher = load_model(base.ref, device) if t.loss == "kd" else None
+    teacher = _teacher(recipe, base, device) if t.loss == "kd" else None
     estimator = make_estimator(t, recipe.seed)
     fakes = prepare_qat(base.model, layers, estimator)
-    trainer = Trainer(base.model, fakes, estimator, teacher, tokens, t, recipe.seed, device, workdir)
-    if (workdir / STATE_FILE).is_file():
+    if group is not None:
+        group.broadcast(base.model)
+    trainer = Trainer(base.model, fakes, estimator, teacher, tokens, t, recipe.seed, device, workdir, group)
+    if has_state(workdir):
         trainer.load_state()
         if trainer.step > t.steps:
             raise QatcliError(f"--resume: the run is at step {trainer.step}, past --steps {t.steps}")
@@ -201,7 +269,8 @@ def _end_to_end(
 
     record_landscape = None
     if t.record_every:
-        fp_model = teacher if teacher is not None else load_model(base.ref, torch.device("cpu"))
+        fp_teacher = teacher is not None and t.teacher_dtype == "float32"
+        fp_model = teacher if fp_teacher else load_model(base.ref, torch.device("cpu"))
         fp = {name: fp_model.get_submodule(name).weight.detach() for name in fakes}
         probe = TrainBatches(tokens, t.seqlen, t.batch_size, recipe.seed + 2).next_batch().to(device)
         model = base.model
@@ -217,8 +286,18 @@ def _end_to_end(
     if trainer.step < t.steps:
         stderr_console.print(f"stopped after step {trainer.step} of {t.steps}; continue with --resume")
         return None
+    if group is None:
+        layers = convert_qat(base.model, fakes)
+    else:
+        state = group.gather(base.model)
+        if not group.is_main:
+            return None
+        model, layers = unsharded_copy(base.model, fakes, state)
+        if recipe.eval.data is not None:  # evaluated on the device; written from the CPU otherwise
+            model.to(device)
+        base = dataclasses.replace(base, model=model, targets={name: model.get_submodule(name) for name in layers})
     records = [json.loads(line) for line in (workdir / METRICS_FILE).read_text().splitlines()]
-    return convert_qat(base.model, fakes), records
+    return base, layers, records
 
 
 def _check_trained(base: Base, layers: dict[str, LayerQuant], workdir: Path) -> None:
@@ -257,51 +336,73 @@ def _qat_meta(recipe: Recipe, base: Base, layers: dict[str, LayerQuant], epochs:
 
 
 def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -> Made | None:
-    """Run (or continue) the training; the checkpoint when it finished, None when it stopped early."""
+    """Run (or continue) the training; the checkpoint when it finished, None when it stopped early (and on every
+    process but the first under torchrun)."""
     check_qat(recipe, force, resume)
+    group, device = join(recipe.device, recipe.qat)
+    try:
+        return _train(recipe, force, resume, stop_after, group, device)
+    finally:
+        leave(group)
+
+
+def _train(
+    recipe: Recipe,
+    force: bool,
+    resume: bool,
+    stop_after: int | None,
+    group: Distributed | None,
+    device: torch.device,
+) -> Made | None:
     t = recipe.qat
     out = Path(str(recipe.output))
     workdir = run_dir(out)
-    if not resume and workdir.exists():
-        shutil.rmtree(workdir)
-    device = resolve_device(recipe.device)
+    main = group is None or group.is_main
     seed_everything(recipe.seed, recipe.deterministic)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    start_peak_memory(device)
 
     t0 = time.perf_counter()
-    base, layers, source = _initial_model(recipe, device)
-    tokens = source.tokens(t.data, "train")
-    workdir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        check_resumed_run(workdir, recipe, tokens)
-    else:
-        record_run(workdir, recipe, tokens)
+    # FSDP takes the student from the CPU, one unit at a time: no process holds it whole on its device
+    load_device = torch.device("cpu") if group is not None and t.parallel == "fsdp" else device
+    with main_first(group):
+        if main and not resume and workdir.exists():
+            shutil.rmtree(workdir)
+        base, layers, source = _initial_model(recipe, device, load_device)
+        tokens = source.tokens(t.data, "train")
+        if resume:
+            check_resumed_run(workdir, recipe, tokens)
+        elif main:
+            workdir.mkdir(parents=True)
+            record_run(workdir, recipe, tokens)
+    if group is not None:  # the Linear layers that the fake-quantized ones replace would keep whole weights alive
+        base = dataclasses.replace(base, targets={})
     before = None
-    if recipe.eval.data is not None:
+    if recipe.eval.data is not None and main:
         if (workdir / BEFORE_FILE).is_file():
             before = json.loads((workdir / BEFORE_FILE).read_text())
         else:
-            before = evaluate_layers(base, layers, recipe, source, device, "eval (init)")["ppl"]
+            with _on_device(base.model, device):
+                before = evaluate_layers(base, layers, recipe, source, device, "eval (init)")["ppl"]
             write_json_atomic(workdir / BEFORE_FILE, before)
     setup_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    layers, block_report, epochs = _block_stage(recipe, base, layers, tokens, device)
+    layers, block_report, epochs = _block_stage(recipe, base, layers, tokens, device, group)
     block_seconds = time.perf_counter() - t0
     after_blocks = None
-    if recipe.eval.data is not None and epochs and t.steps:
+    if recipe.eval.data is not None and epochs and t.steps and main:
         # the block stage's own result, so one run measures both block-only and block + end-to-end
         if (workdir / AFTER_BLOCKS_FILE).is_file():
             after_blocks = json.loads((workdir / AFTER_BLOCKS_FILE).read_text())
         else:
-            after_blocks = evaluate_layers(base, layers, recipe, source, device, "eval (after blocks)")["ppl"]
+            with _on_device(base.model, device):
+                after_blocks = evaluate_layers(base, layers, recipe, source, device, "eval (after blocks)")["ppl"]
             write_json_atomic(workdir / AFTER_BLOCKS_FILE, after_blocks)
     t0 = time.perf_counter()
-    trained = _end_to_end(recipe, base, layers, source, tokens, device, stop_after)
+    trained = _end_to_end(recipe, base, layers, source, tokens, device, stop_after, group)
     if trained is None:
         return None
-    layers, records = trained
+    base, layers, records = trained
     _check_trained(base, layers, workdir)
     metrics: dict[str, Any] = {
         "setup_seconds": round(setup_seconds, 3),
@@ -315,6 +416,7 @@ def train_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None)
         "quantized_layers": len(layers),
         "quantized_bytes": quantized_bytes(layers),
         "avg_bits": average_bits(layers),
+        "processes": 1 if group is None else group.world_size,
         **peak_memory_mib(device),
     }
     recorded = [(r["step"], r["landscape"]) for r in records if "landscape" in r]

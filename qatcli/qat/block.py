@@ -156,15 +156,18 @@ def train_blocks(
     device: torch.device,
     workdir: Path,
     fp_weights: dict[str, torch.Tensor] | None = None,
+    save: bool = True,
 ) -> tuple[dict[str, LayerQuant], BlockReport]:
     """Train every block's quantized layers; the model's Linear layers end holding the trained latent weights.
 
     The targets are the full-precision blocks' outputs: ``fp_weights`` gives the quantized layers' full-precision
     weights where the model holds others (a start from RTN or GPTQ weights); None where it holds them itself.
     With ``qat.record_every``, each block's basin measurements go to its records file (``block_records``).
+    Without ``save`` (the processes of a distributed run but the first) the blocks are trained but not saved.
     """
     done = saved_blocks(workdir)
-    (workdir / BLOCK_STATE_DIR).mkdir(parents=True, exist_ok=True)
+    if save:
+        (workdir / BLOCK_STATE_DIR).mkdir(parents=True, exist_ok=True)
     walk = BlockWalk(model, windows, qat.block.batch_size, device, keep_fp=True, fp_weights=fp_weights)
     modules = dict(model.named_modules())
     layers = dict(layers)
@@ -198,12 +201,13 @@ def train_blocks(
                 trained = {
                     n: {"weight": modules[n].weight.detach().cpu().clone(), "scales": layers[n].scales} for n in names
                 }
-                if recorder is not None:
+                if save and recorder is not None:
                     write_json_atomic(
                         block_state_file(workdir, index, ".records.json"), [{"block": index, **r} for r in records]
                     )
-                with atomic_file(block_state_file(workdir, index)) as tmp:
-                    torch.save(trained, tmp)
+                if save:
+                    with atomic_file(block_state_file(workdir, index)) as tmp:
+                        torch.save(trained, tmp)
                 modules = dict(model.named_modules())
             latent.update(apply_fake_quant(model, {n: layers[n] for n in names}))  # what the next block sees
             if index in report.start:  # on the outputs the next block receives, computed once for both

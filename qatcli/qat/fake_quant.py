@@ -96,8 +96,11 @@ class FakeQuantLinear(nn.Module):
         self.contiguous = torch.equal(self.g_idx, default_g_idx(self.in_features, group_numel, device).long())
         positive_levels = self.spec.maxq - (self.spec.maxq + 1) // 2 if self.spec.sym else self.spec.maxq
         self.scale_grad_factor = 1 / math.sqrt(group_numel * max(positive_levels, 1))
-        self.grid = LayerGrid(self.weight, self.scales, self.zeros, self.g_idx, self.spec.maxq)
-        self.estimator = estimator.for_layer(name, self.grid)
+        # not kept here: under FSDP this layer's weight is replaced by its shard, and a reference would keep the
+        # whole weight alive (only the jacobian estimator holds the grid, and it runs in one process)
+        self.estimator = estimator.for_layer(
+            name, LayerGrid(self.weight, self.scales, self.zeros, self.g_idx, self.spec.maxq)
+        )
         # "train": the fake-quantized weight; "latent": the latent weight itself; "probe": the quantized
         # weight as a leaf whose .grad is dL/dW_q (the landscape recorder's inward gradient)
         self.mode = "train"

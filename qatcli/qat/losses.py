@@ -14,6 +14,7 @@ already made whole; their gradient with respect to those logits is one buffer of
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -174,20 +175,48 @@ def model_ce_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def model_kd_loss(model: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """``kd_loss`` of ``model`` against ``teacher`` on ``ids``, both models' logits made a chunk at a time."""
+    """``kd_loss`` of ``model`` against ``teacher`` on ``ids``, both models' logits made a chunk at a time.
+
+    The teacher may sit on another device (the CPU, say) and hold other dtypes: each chunk of its logits comes
+    to the student's device."""
     # the teacher first: its activations are gone before the student's are kept for backward
     with torch.no_grad():
-        taught = forward_hidden(teacher, ids)
+        taught = forward_hidden(teacher, ids.to(next(teacher.parameters()).device))
     if isinstance(taught, torch.Tensor):
         flat_teacher = taught.reshape(-1, taught.shape[-1])
-        teacher_rows = lambda start, end: flat_teacher[start:end]  # noqa: E731
+        teacher_rows = lambda start, end: flat_teacher[start:end].to(ids.device)  # noqa: E731
     else:
         t_hidden, t_head = taught
         t_flat = t_hidden.reshape(-1, t_hidden.shape[-1])
-        teacher_rows = lambda start, end: t_head(t_flat[start:end])  # noqa: E731
+        teacher_rows = lambda start, end: t_head(t_flat[start:end]).to(ids.device)  # noqa: E731
     result = forward_hidden(model, ids)
     if isinstance(result, torch.Tensor):
         student = result.reshape(-1, result.shape[-1])
         return _ChunkedLoss.apply(student, _kd_chunk(teacher_rows), ids.numel())
     hidden, head = result
     return _head_loss(hidden, head, _kd_chunk(teacher_rows), ids.numel())
+
+
+class StudentLoss(nn.Module):
+    """The training loss of a batch as a module's forward, so that FSDP and DDP wrap the whole computation.
+
+    The student is its one submodule. The teacher is held aside, not registered as a submodule, so that FSDP does
+    not shard it and DDP does not synchronize it: every process keeps its own frozen copy.
+    """
+
+    def __init__(self, model: nn.Module, teacher: nn.Module | None, loss: str, device: torch.device) -> None:
+        super().__init__()
+        if loss == "kd" and teacher is None:
+            raise ValueError("the kd loss needs the full-precision teacher model")
+        self.model = model
+        object.__setattr__(self, "teacher", teacher)
+        self.loss = loss
+        self.device = device
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        with autocast:
+            # both losses make the logits a chunk of tokens at a time
+            if self.loss == "ce":
+                return model_ce_loss(self.model, ids)
+            return model_kd_loss(self.model, self.teacher, ids)

@@ -2,7 +2,8 @@
 
 Only the quantized layers train (their latent weights and scales); embeddings, norms and lm_head stay as
 in the base model. The run's state (trainable tensors, optimizer, schedule, estimator, RNG, data position) is
-saved atomically every ``save_every`` steps, so an interrupted run resumes exactly where it stopped.
+saved atomically every ``save_every`` steps, so an interrupted run resumes exactly where it stopped: as state.pt
+in one process, with torch.distributed.checkpoint under torchrun (qatcli/qat/sharded_state.py).
 """
 
 from __future__ import annotations
@@ -22,16 +23,23 @@ from torch import nn
 
 from qatcli.config import QATConfig
 from qatcli.data.sources import TrainBatches
-from qatcli.errors import TrainingDiverged
+from qatcli.errors import QatcliError, TrainingDiverged
 from qatcli.outputs import atomic_file
+from qatcli.qat.distributed import Distributed, full_value
 from qatcli.qat.estimators import Estimator
 from qatcli.qat.fake_quant import FakeQuantLinear
-from qatcli.qat.losses import model_ce_loss, model_kd_loss
+from qatcli.qat.losses import StudentLoss
+from qatcli.qat.sharded_state import has_sharded_state, load_sharded, save_sharded
 from qatcli.qat.variance_reduction import GradientCorrection
 from qatcli.report.progress import progress_bar
 
 STATE_FILE = "state.pt"
 METRICS_FILE = "metrics.jsonl"
+
+
+def has_state(workdir: Path) -> bool:
+    """Whether a run saved end-to-end state in ``workdir`` (in one process or under torchrun)."""
+    return (workdir / STATE_FILE).is_file() or has_sharded_state(workdir)
 
 
 class InterruptedAtStep(Exception):
@@ -77,7 +85,8 @@ class Trainer:
 
     Batches of ``qat.batch_size`` windows of ``qat.seqlen`` tokens come from ``tokens`` in a seeded order;
     estimators that calibrate get windows of the same tokens in another seeded order. ``teacher`` (the
-    full-precision model) is needed by the kd loss only.
+    full-precision model) is needed by the kd loss only. With ``group`` (under torchrun) the loss is wrapped in
+    FSDP or DDP, each process computes its rows of every batch, and process 0 alone writes the metrics.
     """
 
     def __init__(
@@ -91,19 +100,24 @@ class Trainer:
         seed: int,
         device: torch.device,
         workdir: Path,
+        group: Distributed | None = None,
     ) -> None:
-        if qat.loss == "kd" and teacher is None:
-            raise ValueError("the kd loss needs the full-precision teacher model")
-        self.model, self.fakes, self.estimator, self.teacher = model, fakes, estimator, teacher
+        self.model, self.fakes, self.estimator = model, fakes, estimator
         self.tokens, self.qat, self.seed, self.device, self.workdir = tokens, qat, seed, device, workdir
+        self.group = group
+        self.is_main = group is None or group.is_main
         self.batches = TrainBatches(tokens, qat.seqlen, qat.batch_size, seed)
         for p in model.parameters():
             p.requires_grad_(False)
-        # qat.train = scales: the latent weights stay as the block stage (or the init) left them (E2E-QP)
+        for f in fakes.values():
+            # qat.train = scales: the latent weights stay as the block stage (or the init) left them (E2E-QP)
+            f.weight.requires_grad_(qat.train != "scales")
+            f.scales.requires_grad_(True)
+        self.loss = StudentLoss(model, teacher, qat.loss, device)
+        if group is not None:  # FSDP replaces the layers' parameters by their shards: read them after it
+            self.loss = group.wrap(self.loss, model)
         weights = [] if qat.train == "scales" else [f.weight for f in fakes.values()]
         scales = [f.scales for f in fakes.values()]
-        for p in weights + scales:
-            p.requires_grad_(True)
         self.optimizer = torch.optim.AdamW(
             [
                 {"params": weights, "lr": qat.lr, "weight_decay": qat.weight_decay},
@@ -134,12 +148,11 @@ class Trainer:
             out[f"{name}.scales"] = fake.scales.detach()
         return out
 
-    def save_state(self) -> None:
-        state = {
+    def _small_state(self) -> dict[str, Any]:
+        """The state besides the trainable tensors and the optimizer's."""
+        return {
             "step": self.step,
             "skipped": self.skipped,
-            "trainable": {k: v.cpu() for k, v in self._trainable().items()},
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "data": self.batches.state_dict(),
             "estimator": self.estimator.state_dict(),
@@ -147,17 +160,36 @@ class Trainer:
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
-        with atomic_file(self.workdir / STATE_FILE) as tmp:
-            torch.save(state, tmp)
+
+    def save_state(self) -> None:
+        if self.group is not None:
+            save_sharded(
+                self.workdir, self.step, self._trainable(), self.loss, self.optimizer, self._small_state(), self.group
+            )
+        else:
+            state = {
+                "trainable": {k: v.cpu() for k, v in self._trainable().items()},
+                "optimizer": self.optimizer.state_dict(),
+                **self._small_state(),
+            }
+            with atomic_file(self.workdir / STATE_FILE) as tmp:
+                torch.save(state, tmp)
         self.saved_step = self.step
 
     def load_state(self) -> None:
-        state = torch.load(self.workdir / STATE_FILE, map_location="cpu", weights_only=False)
-        current = self._trainable()
-        with torch.no_grad():
-            for key, tensor in state["trainable"].items():
-                current[key].copy_(tensor)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if has_sharded_state(self.workdir):
+            state = load_sharded(self.workdir, self._trainable(), self.loss, self.optimizer)
+        elif self.group is not None:
+            raise QatcliError(
+                f"--resume: the run in {self.workdir} was saved by one process; continue it without torchrun"
+            )
+        else:
+            state = torch.load(self.workdir / STATE_FILE, map_location="cpu", weights_only=False)
+            current = self._trainable()
+            with torch.no_grad():
+                for key, tensor in state["trainable"].items():
+                    current[key].copy_(tensor)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
         self.estimator.load_state_dict(state["estimator"])
@@ -174,18 +206,9 @@ class Trainer:
     def _truncate_metrics(self) -> None:
         """Drop the records of steps after the saved state: the resumed run writes them again."""
         path = self.workdir / METRICS_FILE
-        if path.is_file():
+        if self.is_main and path.is_file():
             lines = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= self.step]
             path.write_text("".join(line + "\n" for line in lines))
-
-    def _loss(self, ids: torch.Tensor) -> torch.Tensor:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
-        with autocast:
-            # both losses make the logits a chunk of tokens at a time (qatcli/qat/losses.py)
-            if self.qat.loss == "ce":
-                return model_ce_loss(self.model, ids)
-            assert self.teacher is not None
-            return model_kd_loss(self.model, self.teacher, ids)
 
     def _diverged(self, loss: float, grad_norm: float | None) -> bool:
         """Whether this step must not update: its loss or gradient is not finite. Raises once skips run out."""
@@ -207,18 +230,22 @@ class Trainer:
         total, tokens = 0.0, 0
         self.estimator.before_step(self.step)
         for _ in range(self.qat.grad_accum):
-            ids = self.batches.next_batch().to(self.device)
-            loss = self._loss(ids) / self.qat.grad_accum
+            ids = self.batches.next_batch()
+            if self.group is not None:
+                ids = self.group.local_rows(ids)
+            loss = self.loss(ids.to(self.device)) / self.qat.grad_accum
             loss.backward()
             total += float(loss.detach())
             tokens += ids.numel()
+        if self.group is not None:  # the whole batch's loss and tokens, the same on every process
+            total, tokens = self.group.mean(total), tokens * self.group.world_size
         skip = self._diverged(total, None)  # before the correction keeps this step's gradients
         grad_norm = math.nan
         if not skip:
             if self.correction is not None:
                 self.correction.apply()
             params = [p for group in self.optimizer.param_groups for p in group["params"]]
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, self.qat.clip_grad))
+            grad_norm = float(full_value(torch.nn.utils.clip_grad_norm_(params, self.qat.clip_grad)))
             skip = self._diverged(total, grad_norm)
         if not skip:
             self.optimizer.step()
@@ -247,9 +274,9 @@ class Trainer:
         self.model.train()
         last = steps if stop_after is None else min(steps, self.step + stop_after)
         with (
-            _sigint_after_the_step() as stop_requested,
+            _sigint_after_the_step() as sigint,
             progress_bar() as progress,
-            (self.workdir / METRICS_FILE).open("a") as log,
+            (self.workdir / METRICS_FILE).open("a") if self.is_main else nullcontext() as log,
         ):
             task = progress.add_task("qat", total=steps, completed=self.step, unit="step")
             t_start, tokens_done = time.perf_counter(), 0
@@ -277,14 +304,17 @@ class Trainer:
                 if record_landscape is not None and every and (self.step % every == 0 or self.step == steps):
                     record["landscape"] = record_landscape()
                 t_start += time.perf_counter() - t_extra
-                log.write(json.dumps(record) + "\n")
-                log.flush()
+                if log is not None:
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
                 speed = record["tokens_per_second"]
                 progress.update(task, advance=1, description=f"qat loss {loss:.4f} {speed:.0f} tok/s")
                 if on_step is not None:
                     on_step(record)
-                if self.step % self.qat.save_every == 0 or self.step == last or stop_requested():
+                # every process stops at the same step, wherever the Ctrl-C reached
+                stop_requested = sigint() if self.group is None else self.group.any(sigint())
+                if self.step % self.qat.save_every == 0 or self.step == last or stop_requested:
                     self.save_state()
-                if stop_requested() and self.step < last:
+                if stop_requested and self.step < last:
                     raise InterruptedAtStep(self.step)
         self.model.eval()
