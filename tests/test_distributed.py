@@ -1,0 +1,136 @@
+"""qatcli qat under torchrun: two CPU processes (gloo) train as one process does, resume and export.
+
+Two processes compute each step's loss on two windows each instead of four in one process, so the sums inside the
+loss and the gradients are taken in another order, and the gradients are averaged over the processes: every float
+may differ from the one-process run in its last bits (float32, relative 6e-8 a rounding). Over the batch's
+4 x 64 tokens that gives about 1e-7 relative on the losses (measured 9e-8), so they must agree to 1e-5. AdamW's
+update divides the averaged moments by their root, so such differences shrink to below the float32 spacing of the
+weights: the latent weights and the scales are checked to 1e-6 (a thousandth of one step of lr 1e-3; measured
+equal, bit for bit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from safetensors.torch import load_file
+from test_cli import assert_one_line_error
+from test_qat import qat_args
+
+from qatcli.formats.checkpoint import load_checkpoint
+from qatcli.formats.export import export_gptq
+from qatcli.formats.packed_model import load_gptq_model
+
+CPU = torch.device("cpu")
+STEPS = ("--steps", "6", "--save-every", "2")
+
+
+def one_thread(*command: str) -> subprocess.CompletedProcess:
+    """Every process on one thread: the float results of a matmul may depend on the thread count."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *command], capture_output=True, text=True, env=env, timeout=300)
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return one_thread("-m", "qatcli", *args)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    """``qatcli`` started by torchrun as two processes on this machine."""
+    return one_thread("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "qatcli", *args)
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_training(one: Path, two: Path) -> None:
+    torch.testing.assert_close(losses(two), losses(one), rtol=1e-5, atol=0)
+    for name in ("latent.safetensors", "quant.safetensors"):
+        a, b = load_file(str(one / name)), load_file(str(two / name))
+        assert a.keys() == b.keys(), name
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=1e-6, msg=f"{name}: {key}")
+
+
+@pytest.fixture(scope="module")
+def one_process(tiny_model_dir: Path, sotu: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference: the same global batch of 4 windows in one process."""
+    out = tmp_path_factory.mktemp("one") / "qat"
+    result = cli(*qat_args(tiny_model_dir, sotu, out, *STEPS))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_two_processes_train_as_one(one_process: Path, tiny_model_dir: Path, sotu: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fsdp"
+    result = torchrun(*qat_args(tiny_model_dir, sotu, out, *STEPS))
+    assert result.returncode == 0, result.stderr
+    assert_same_training(one_process, out)
+    assert json.loads((out / "qatcli.json").read_text())["metrics"]["processes"] == 2
+    assert result.stdout.count("qatcli qat ->") == 1  # the table, from process 0 alone
+    assert not (tmp_path / "fsdp.run").exists()
+
+
+@pytest.mark.parametrize("resume", ["ddp", "one process"])
+def test_a_sharded_state_resumes_and_exports(
+    one_process: Path, tiny_model_dir: Path, sotu: Path, tmp_path: Path, resume: str
+) -> None:
+    out = tmp_path / "qat"
+    first = torchrun(*qat_args(tiny_model_dir, sotu, out, *STEPS, "--stop-after", "3"))
+    assert first.returncode == 0, first.stderr
+    workdir = tmp_path / "qat.run"
+    assert json.loads((workdir / "state.dcp.json").read_text()) == {"step": 3, "dir": "state-000003.dcp"}
+    assert not (workdir / "state.pt").exists() and not out.exists()
+
+    if resume == "ddp":  # FSDP's shards read back into DDP's whole copies: the state is the layout's own
+        second = torchrun(*qat_args(tiny_model_dir, sotu, out, *STEPS, "--resume", "--parallel", "ddp"))
+    else:
+        second = cli(*qat_args(tiny_model_dir, sotu, out, *STEPS, "--resume"))
+    assert second.returncode == 0, second.stderr
+    assert_same_training(one_process, out)
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
+
+    exported = tmp_path / "gptq"
+    exported.mkdir()
+    export_gptq(out, exported, dtype="float32")
+    reference, _, _, _ = load_checkpoint(out, CPU)
+    packed, _, _ = load_gptq_model(exported, CPU)
+    ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(packed(ids).logits, reference(ids).logits)
+
+
+def test_a_one_process_state_does_not_resume_under_torchrun(tiny_model_dir: Path, sotu: Path, tmp_path: Path) -> None:
+    out = tmp_path / "qat"
+    assert cli(*qat_args(tiny_model_dir, sotu, out, *STEPS, "--stop-after", "2")).returncode == 0
+    result = torchrun(*qat_args(tiny_model_dir, sotu, out, *STEPS, "--resume"))
+    assert result.returncode != 0
+    assert "was saved by one process; continue it without torchrun" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (["--batch-size", "3"], "qat.batch_size 3 must be a multiple of the 2 processes"),
+        (["--estimator", "jacobian"], "qat.estimator jacobian: one process only, run without torchrun"),
+        (["--eval-every", "2", "--eval-data", "x.txt"], "qat.eval_every: one process only"),
+        (["--parallel", "zero3"], "qat.parallel must be one of fsdp, ddp"),
+    ],
+)
+def test_what_torchrun_refuses(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path, extra: list[str], fragment: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the checks come before the process group is joined: torchrun's variables alone trigger them
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(name, value)
+    if "--eval-data" in extra:
+        extra[extra.index("x.txt")] = str(sotu / "test.txt")
+    assert_one_line_error(run_cli(*qat_args(tiny_model_dir, sotu, tmp_path / "o", *extra)), fragment)
