@@ -19,14 +19,23 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, tiny_llama_config
 from safetensors.torch import load_file
 from test_cli import assert_one_line_error
 from test_qat import qat_args
+from torch import nn
+from transformers import LlamaForCausalLM
 
+from qatcli.config import QATConfig
 from qatcli.formats.checkpoint import load_checkpoint
 from qatcli.formats.export import export_gptq
 from qatcli.formats.packed_model import load_gptq_model
+from qatcli.qat.distributed import unsharded_copy
+from qatcli.qat.estimators import make_estimator
+from qatcli.qat.fake_quant import convert_qat, prepare_qat
+from qatcli.quant.grid import QuantSpec
+from qatcli.quant.rtn import quantize_rtn
+from qatcli.quant.targets import find_targets
 
 CPU = torch.device("cpu")
 STEPS = ("--steps", "6", "--save-every", "2")
@@ -134,3 +143,23 @@ def test_what_torchrun_refuses(
     if "--eval-data" in extra:
         extra[extra.index("x.txt")] = str(sotu / "test.txt")
     assert_one_line_error(run_cli(*qat_args(tiny_model_dir, sotu, tmp_path / "o", *extra)), fragment)
+
+
+def test_the_gathered_model_is_an_ordinary_one_with_tied_embeddings_kept_tied() -> None:
+    """What process 0 rebuilds from the gathered state: the test model above unties its embeddings; smollm2 ties
+    them, and the copy must share one tensor again."""
+    config = tiny_llama_config()
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    layers = quantize_rtn(find_targets(model, [], []), QuantSpec(2, 32, True), "minmax")
+    fakes = prepare_qat(model, layers, make_estimator(QATConfig(), 0))
+    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    plain, grids = unsharded_copy(model, fakes, state)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight
+    assert all(type(plain.get_submodule(name)) is nn.Linear for name in layers)
+    expected = convert_qat(model, fakes)
+    assert all(torch.equal(grids[n].scales, expected[n].scales) for n in expected)
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, model(ids).logits)
