@@ -20,13 +20,13 @@ def _exit_interrupted(*_: object) -> None:
 def _load_libraries() -> None:
     """Import torch and transformers with Ctrl-C ending the process at once. A KeyboardInterrupt raised inside
     their import can surface in a pybind11 extension's initialisation, where C++ turns it into an abort."""
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background: stay deaf to Ctrl-C
-        import transformers  # noqa: F401
-        return
-    signal.signal(signal.SIGINT, _exit_interrupted)
-    import transformers  # noqa: F401
+    listening = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN  # a background job stays deaf to Ctrl-C
+    if listening:
+        signal.signal(signal.SIGINT, _exit_interrupted)
+    import transformers  # noqa: F401  (loads torch too)
 
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    if listening:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def run() -> None:

@@ -8,7 +8,7 @@ import torch
 from qatcli.config import GPTQOptions
 from qatcli.errors import QatcliError
 from qatcli.quant.gptq import HessianAccumulator, gptq_quantize, group_aware_order, inverse_cholesky
-from qatcli.quant.gptq_model import sequential_groups
+from qatcli.quant.gptq_model import quantize_gptq, sequential_groups
 from qatcli.quant.grid import QuantSpec, default_g_idx, dequantize, fake_quantize, group_qparams, quantize
 
 OUT, IN, TOKENS = 64, 256, 2048
@@ -147,3 +147,34 @@ def test_gptq_codes_do_not_depend_on_the_thread_count() -> None:
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(results[0].weight, results[1].weight)
+
+
+def test_replaying_finished_submodules_leaves_the_codes_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """True-sequential GPTQ replays a block's attention once its layers are quantized; computing it again on every
+    pass gives the very same weights. The attention must actually be replayed: in the first block, q_proj runs in
+    the q/k/v, o and gate/up passes, and not in the down pass nor the output pass."""
+    from transformers import LlamaForCausalLM
+
+    from qatcli.quant.replay import FinishedOutputs
+    from qatcli.quant.targets import find_targets
+    from tests.conftest import tiny_llama_config
+
+    windows = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(0))
+    spec, cpu = QuantSpec(3, 32, True), torch.device("cpu")
+
+    def gptq_weights() -> tuple[dict[str, torch.Tensor], int]:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(tiny_llama_config()).eval()
+        calls = []
+        model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
+        targets = find_targets(model, [], [])
+        quantize_gptq(model, targets, spec, GPTQOptions(batch_size=2), "minmax", windows, cpu)
+        return {n: t.weight.detach().clone() for n, t in targets.items()}, len(calls)
+
+    replayed, replayed_calls = gptq_weights()
+    monkeypatch.setattr(FinishedOutputs, "freeze", lambda self, module: None)
+    computed, computed_calls = gptq_weights()
+    assert replayed.keys() == computed.keys()
+    for name in replayed:
+        assert torch.equal(replayed[name], computed[name]), name
+    assert (replayed_calls, computed_calls) == (3 * 3, 3 * 5)  # 3 batches of 2 windows

@@ -27,6 +27,7 @@ from torch import nn
 from qatcli.quant.gptq import HessianAccumulator, gptq_quantize
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, make_layer_quant
+from qatcli.quant.replay import FinishedOutputs
 from qatcli.quant.targets import per_layer
 from qatcli.quant.walk import Activations, BlockWalk, Stop, run_block
 from qatcli.report.progress import progress_bar, stderr_console
@@ -46,14 +47,28 @@ class GPTQStats:
     peak_cuda_mib: float | None = None
 
 
+def _sequential_index(name: str) -> int:
+    return next((i for i, p in enumerate(SEQUENTIAL_GROUPS) if re.search(p, name)), len(SEQUENTIAL_GROUPS))
+
+
 def sequential_groups(names: list[str], true_sequential: bool) -> list[list[str]]:
     if not true_sequential:
         return [names]
     groups: list[list[str]] = [[] for _ in range(len(SEQUENTIAL_GROUPS) + 1)]
     for name in names:
-        index = next((i for i, p in enumerate(SEQUENTIAL_GROUPS) if re.search(p, name)), len(SEQUENTIAL_GROUPS))
-        groups[index].append(name)
+        groups[_sequential_index(name)].append(name)
     return [g for g in groups if g]
+
+
+def _freeze_finished(
+    block: nn.Module, prefix: str, names: list[str], done: set[str], finished: FinishedOutputs
+) -> None:
+    """Replay the submodules of ``block`` whose layers are all quantized. Only called when the groups follow the
+    data through the block (every layer matched SEQUENTIAL_GROUPS), so everything before them is quantized too."""
+    for child_name, child in block.named_children():
+        inside = [n for n in names if n.startswith(f"{prefix}{child_name}.")]
+        if inside and done.issuperset(inside):
+            finished.freeze(child)
 
 
 def _collect_hessians(
@@ -173,12 +188,21 @@ def quantize_gptq(
         for index, prefix, block in walk:
             names = [n for n in targets if n.startswith(prefix)]
             progress.reset(layer_task, total=len(names), description=f"  block {index} layers")
-            for group in sequential_groups(names, options.true_sequential):
-                hessians = _collect_hessians(block, group, modules, walk.inputs, device)
-                for name in group:
-                    quantize_layer(name, hessians[name])
-                    progress.advance(layer_task)
-                del hessians
+            groups = sequential_groups(names, options.true_sequential)
+            follows_data = options.true_sequential and all(_sequential_index(n) < len(SEQUENTIAL_GROUPS) for n in names)
+            done: set[str] = set()
+            with FinishedOutputs(block) as finished:
+                for k, group in enumerate(groups):
+                    hessians = _collect_hessians(block, group, modules, walk.inputs, device)
+                    for name in group:
+                        quantize_layer(name, hessians[name])
+                        progress.advance(layer_task)
+                    del hessians
+                    done.update(group)
+                    if follows_data and k < len(groups) - 1:
+                        _freeze_finished(block, prefix, names, done, finished)
+                if index < len(walk.blocks) - 1:  # the next block's inputs, while the finished parts replay
+                    walk.outputs()
             progress.advance(block_task)
         outside = [n for n in targets if n not in layers]
         if outside:  # lm_head: on what the quantized blocks give it
