@@ -29,8 +29,8 @@ from qatcli.quant.targets import find_targets, plan_quantization, spec_fields, u
 from qatcli.report.progress import stderr_console
 from qatcli.runtime import keeping_peak_memory, peak_memory_mib, resolve_device, seed_everything, start_peak_memory
 
-# Methods that walk the model one decoder block at a time (qatcli/quant/walk.py): the model loads on the CPU and
-# only the block being worked on (and the layers outside the blocks) goes to the device.
+# Methods that walk the model one decoder block at a time (qatcli/quant/walk.py): the model loads on the CPU, only
+# the block being worked on (and the layers outside the blocks) goes to the device, and the model ends on the CPU.
 WALKING_METHODS = ("gptq", "awq")
 
 
@@ -216,6 +216,7 @@ def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
         **peak_memory_mib(device),  # the whole command's, from before the load
     }
     if recipe.eval.data is not None:
+        base.model.to(device)  # a walk left it on the CPU
         metrics["eval"] = evaluate_layers(base, layers, recipe, source, device, "eval")
     meta = {
         "method": q.method,

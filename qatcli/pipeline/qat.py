@@ -133,7 +133,8 @@ def check_qat(recipe: Recipe, force: bool, resume: bool) -> None:
 
 def _initial_model(recipe: Recipe, device: torch.device, load_device: torch.device) -> tuple[Base, dict, TokenSource]:
     """The model with latent weights and grid to start from, and the token source of the run. The model loads on
-    ``load_device``: the CPU where only parts of it go to ``device`` at a time (GPTQ's walk, FSDP's shards)."""
+    ``load_device``: the CPU where only parts of it go to ``device`` at a time (FSDP's shards); GPTQ's walk
+    loads it on the CPU and leaves it there."""
     q, init = recipe.quant, recipe.qat.init
     if init not in INITS:
         model, tokenizer, meta, layers = load_checkpoint(Path(init), load_device, fake_quant=False)
@@ -293,8 +294,6 @@ def _end_to_end(
         if not group.is_main:
             return None
         model, layers = unsharded_copy(base.model, fakes, state)
-        if recipe.eval.data is not None:  # evaluated on the device; written from the CPU otherwise
-            model.to(device)
         base = dataclasses.replace(base, model=model, targets={name: model.get_submodule(name) for name in layers})
     records = [json.loads(line) for line in (workdir / METRICS_FILE).read_text().splitlines()]
     return base, layers, records
@@ -399,6 +398,7 @@ def _train(
                 after_blocks = evaluate_layers(base, layers, recipe, source, device, "eval (after blocks)")["ppl"]
             write_json_atomic(workdir / AFTER_BLOCKS_FILE, after_blocks)
     t0 = time.perf_counter()
+    base.model.to(load_device)  # the walks (GPTQ, the block stage) leave it on the CPU
     trained = _end_to_end(recipe, base, layers, source, tokens, device, stop_after, group)
     if trained is None:
         return None
@@ -425,11 +425,9 @@ def _train(
             (step for step, m in recorded if m["loss_quantized"] - m["loss_fp"] <= t.record_eps), None
         )
     if recipe.eval.data is not None:
-        metrics["eval"] = {
-            "ppl_before": before,
-            "ppl_after_blocks": after_blocks,
-            **evaluate_layers(base, layers, recipe, source, device, "eval"),
-        }
+        with _on_device(base.model, device):  # process 0's gathered model, or one that FSDP left on the CPU
+            evaluated = evaluate_layers(base, layers, recipe, source, device, "eval")
+        metrics["eval"] = {"ppl_before": before, "ppl_after_blocks": after_blocks, **evaluated}
     meta = {**_qat_meta(recipe, base, layers, epochs, device), "metrics": metrics}
     with atomic_dir(out, force or resume) as tmp:
         save_checkpoint(tmp, base.model, base.tokenizer, layers, meta)

@@ -3,7 +3,8 @@ to reproduce the full-precision block's outputs on calibration windows.
 
 The windows walk through the model as in GPTQ (quant/walk.py): a block's inputs come through the blocks
 before it, already trained and quantized; its targets are what the full-precision block gives on the
-full-precision stream of activations. Only one block and the activations are on the device at a time.
+full-precision stream of activations. Only one block and the activations are on the device at a time; the
+model ends on the CPU.
 
 After each block its trained latent weights and scales are saved in the run directory, one file a block; a
 resumed run walks the same windows again, takes the saved blocks instead of training them, and trains the
@@ -28,7 +29,7 @@ from qatcli.outputs import atomic_file, write_json_atomic
 from qatcli.qat.estimators import Estimator, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, convert_qat, prepare_qat
 from qatcli.quant.layer import LayerQuant, apply_fake_quant
-from qatcli.quant.walk import BlockWalk, run_block
+from qatcli.quant.walk import HOME, BlockWalk, run_block
 from qatcli.report.progress import progress_bar
 
 BLOCK_STATE_DIR = "blocks"
@@ -164,6 +165,7 @@ def train_blocks(
     weights where the model holds others (a start from RTN or GPTQ weights); None where it holds them itself.
     With ``qat.record_every``, each block's basin measurements go to its records file (``block_records``).
     Without ``save`` (the processes of a distributed run but the first) the blocks are trained but not saved.
+    Only one block (and the parts outside the blocks) is on ``device`` at a time; the model ends on the CPU.
     """
     done = saved_blocks(workdir)
     if save:
@@ -209,7 +211,8 @@ def train_blocks(
                     with atomic_file(block_state_file(workdir, index)) as tmp:
                         torch.save(trained, tmp)
                 modules = dict(model.named_modules())
-            latent.update(apply_fake_quant(model, {n: layers[n] for n in names}))  # what the next block sees
+            # what the next block sees; the latent weights wait on the CPU, as the blocks do
+            latent.update({n: w.to(HOME) for n, w in apply_fake_quant(model, {n: layers[n] for n in names}).items()})
             if index in report.start:  # on the outputs the next block receives, computed once for both
                 report.end[index] = _losses(walk.outputs(), walk.fp_outputs, qat.block.loss)
             loss = f": loss {report.start[index]:.4g} -> {report.end[index]:.4g}" if index in report.end else ""
@@ -217,5 +220,4 @@ def train_blocks(
     with torch.no_grad():
         for name, weight in latent.items():
             modules[name].weight.copy_(weight)
-    model.to(device)
     return layers, report

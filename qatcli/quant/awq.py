@@ -330,7 +330,8 @@ def quantize_awq(
 
     The model is left with the folded full-precision weights (norms and previous Linear layers divided by s,
     the quantized layers' columns multiplied by s): the latent weights the grids were computed from.
-    ``windows`` are the calibration token windows, [n, seqlen].
+    ``windows`` are the calibration token windows, [n, seqlen]. Only one block (and the parts outside the blocks)
+    is on ``device`` at a time; the model ends on the CPU.
     """
     check_awq_model(model, targets)
     specs = per_layer(spec, targets)
@@ -374,5 +375,4 @@ def quantize_awq(
     stats.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         stats.peak_cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20
-    model.to(device)
     return layers, stats

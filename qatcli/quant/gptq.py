@@ -90,8 +90,8 @@ def group_aware_order(diag: torch.Tensor, group_size: int) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, options: GPTQOptions, clip: str) -> GPTQResult:
-    """GPTQ of one layer's weights ``W`` ([out, in]) given its input Hessian ``H`` ([in, in])."""
-    W = W.detach().clone().float()
+    """GPTQ of one layer's weights ``W`` ([out, in]) given its input Hessian ``H`` ([in, in]), on H's device."""
+    W = W.detach().to(H.device, torch.float32, copy=True)  # a layer outside the blocks (lm_head) waits on the CPU
     H = H.clone()
     columns = W.shape[1]
     g = spec.effective_group_size(columns)

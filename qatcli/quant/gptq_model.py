@@ -9,7 +9,9 @@ then gate/up, then down), so each group's Hessian sees the quantized output of t
 forward that only collects inputs stops as soon as the last layer of the group has received its input.
 
 Targets outside the blocks (lm_head, with quant.lm_head) come last, on the inputs the quantized blocks give
-them: the whole model runs once more over the windows, stopping as soon as those layers have their input.
+them: the last block's outputs go through the modules after the blocks (the final norm), with no block on the
+device (BlockWalk.run_past_blocks), stopping as soon as those layers have their input. The model ends on the
+CPU, where the walk leaves it.
 """
 
 from __future__ import annotations
@@ -117,30 +119,27 @@ def _collect_hessians(
 
 
 def _outside_hessians(
-    model: nn.Module, names: list[str], modules: dict[str, nn.Module], windows: torch.Tensor, batch_size: int
+    walk: BlockWalk, names: list[str], modules: dict[str, nn.Module]
 ) -> dict[str, HessianAccumulator]:
-    """The input Hessians of layers outside the blocks (lm_head), from whole-model forwards over the windows;
-    each forward stops once every named layer has its input (lm_head's logits are never computed)."""
-    device = next(model.parameters()).device
+    """The input Hessians of layers outside the blocks (lm_head), on the last block's outputs carried through the
+    modules after the blocks; each pass stops once every named layer has its input (no logits are computed)."""
     hessians: dict[str, HessianAccumulator] = {}
     reached: set[str] = set()
 
     def hook(name: str):
         def pre_hook(_module: nn.Module, args: tuple) -> None:
             x = args[0]
-            hessians.setdefault(name, HessianAccumulator(x.shape[-1], device)).add(x)
+            hessians.setdefault(name, HessianAccumulator(x.shape[-1], walk.device)).add(x)
             reached.add(name)
             if len(reached) == len(names):
+                reached.clear()
                 raise Stop
 
         return pre_hook
 
     handles = [modules[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
-        for batch in windows.split(batch_size):
-            reached.clear()
-            with contextlib.suppress(Stop):
-                model(batch.to(device), use_cache=False)
+        walk.run_past_blocks()
     finally:
         for handle in handles:
             handle.remove()
@@ -160,7 +159,8 @@ def quantize_gptq(
     """Quantize ``targets`` in place (their weights become the dequantized GPTQ weights).
 
     ``spec`` is one spec for every layer or each layer's own (quant.targets.layer_specs). ``windows`` are the
-    calibration token windows, [n, seqlen]; ``options.batch_size`` of them go through a block at a time.
+    calibration token windows, [n, seqlen]; ``options.batch_size`` of them go through a block at a time. Only
+    one block (and the parts outside the blocks) is on ``device`` at a time; the model ends on the CPU.
     """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -182,6 +182,7 @@ def quantize_gptq(
         layer.weight.copy_(result.weight.to(layer.weight.dtype))
         layers[name] = make_layer_quant(specs[name], result.scales, result.zeros, result.g_idx, options.act_order)
 
+    outside = [n for n in targets if not n.startswith(f"{walk.prefix}.")]
     with progress_bar() as progress:
         block_task = progress.add_task("gptq blocks", total=len(walk.blocks), unit="block")
         layer_task = progress.add_task("  layers", total=None, unit="layer")
@@ -201,14 +202,13 @@ def quantize_gptq(
                     done.update(group)
                     if follows_data and k < len(groups) - 1:
                         _freeze_finished(block, prefix, names, done, finished)
-                if index < len(walk.blocks) - 1:  # the next block's inputs, while the finished parts replay
+                # what the next block (or lm_head, after the last) reads, while the finished parts replay
+                if index < len(walk.blocks) - 1 or outside:
                     walk.outputs()
             progress.advance(block_task)
-        outside = [n for n in targets if n not in layers]
         if outside:  # lm_head: on what the quantized blocks give it
-            model.to(device)
             progress.reset(layer_task, total=len(outside), description="  outside the blocks")
-            hessians = _outside_hessians(model, outside, modules, windows, options.batch_size)
+            hessians = _outside_hessians(walk, outside, modules)
             for name in outside:
                 quantize_layer(name, hessians[name])
                 progress.advance(layer_task)
@@ -217,5 +217,4 @@ def quantize_gptq(
     stats.peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if device.type == "cuda":
         stats.peak_cuda_mib = torch.cuda.max_memory_allocated(device) / 2**20
-    model.to(device)
     return layers, stats

@@ -3,8 +3,13 @@
 The windows enter the first block; every block sees the outputs of the blocks before it, as they are
 after the caller has changed them (quantized, trained). Only the block being worked on is on the device,
 next to the activations; the rest of the model waits on the CPU, except the parts outside the blocks
-(embeddings, rotary tables), which run once to produce the first block's inputs. GPTQ and the block-wise
-QAT stage both walk the model this way.
+(embeddings, rotary tables), which run once to produce the first block's inputs. When the walk ends, the
+whole model is back on the CPU: the caller moves it wherever it needs it next. GPTQ, AWQ and the block-wise
+QAT stage all walk the model this way.
+
+Layers after the blocks (lm_head) get their inputs from the last block's outputs: ``run_past_blocks`` runs the
+model's own forward with every block replaying what the walk computed, so whatever the model does between its
+blocks and lm_head (a final norm) runs as the model defines it, and no block is on the device for it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ from torch import nn
 from qatcli.quant.targets import decoder_blocks
 
 Activations = list[tuple[torch.Tensor, dict[str, Any]]]
+
+HOME = torch.device("cpu")  # where the model waits while the walk works on one block
 
 
 class Stop(Exception):
@@ -78,16 +85,39 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) ->
     return out[0] if isinstance(out, tuple) else out
 
 
+@contextlib.contextmanager
+def _replaying(blocks: nn.ModuleList, output: torch.Tensor, as_tuple: bool) -> Iterator[None]:
+    """Inside the ``with`` block the blocks compute nothing: each returns its input, the last one ``output``, in
+    the form the model's forward expects from them (a tuple or the hidden states alone)."""
+
+    def passing(hidden: torch.Tensor, *_args: Any, **_kwargs: Any) -> Any:
+        return (hidden,) if as_tuple else hidden
+
+    def giving(*_args: Any, **_kwargs: Any) -> Any:
+        return (output,) if as_tuple else output
+
+    for block in blocks:
+        block.forward = passing
+    blocks[len(blocks) - 1].forward = giving
+    try:
+        yield
+    finally:
+        for block in blocks:
+            del block.forward  # the instance attribute: the class's forward is back
+
+
 class BlockWalk:
     """Walk ``windows`` ([n, seqlen] tokens) through the blocks of ``model``, ``batch_size`` windows a batch.
 
     Iterating yields (index, name prefix, block) with ``inputs`` holding what reaches that block; when the
     caller asks for the next block, the current one (as the caller left it) turns them into the next inputs,
     or the outputs the caller already asked for with ``outputs()`` (it must not change the block after).
-    With ``keep_fp``, ``fp_outputs`` holds the block's outputs before the caller changed anything, computed
-    from the full-precision stream of activations (the unchanged model's own). Where the model's weights are
-    not the full-precision ones already (a run that starts from RTN or GPTQ weights), ``fp_weights`` gives
-    them, by module name: the full-precision stream computes with these instead.
+    The last block's outputs are computed only where the caller asks for them; ``run_past_blocks`` then
+    carries them through the rest of the model. With ``keep_fp``, ``fp_outputs`` holds the block's outputs
+    before the caller changed anything, computed from the full-precision stream of activations (the unchanged
+    model's own). Where the model's weights are not the full-precision ones already (a run that starts from
+    RTN or GPTQ weights), ``fp_weights`` gives them, by module name: the full-precision stream computes with
+    these instead.
     """
 
     def __init__(
@@ -100,10 +130,11 @@ class BlockWalk:
         fp_weights: dict[str, torch.Tensor] | None = None,
     ) -> None:
         self.prefix, self.blocks = decoder_blocks(model)
+        self.model, self.windows, self.batch_size = model, windows, batch_size
         self.device = device
         self.keep_fp = keep_fp
         self.fp_weights = fp_weights or {}
-        model.to("cpu")
+        model.to(HOME)
         _move_outside_blocks(model, self.blocks, device)
         with torch.no_grad():
             self.inputs: Activations = _block_inputs(model, self.blocks[0], windows, batch_size, device)
@@ -111,14 +142,35 @@ class BlockWalk:
         self.fp_outputs: list[torch.Tensor] = []
         self._block: nn.Module | None = None
         self._outputs: list[torch.Tensor] | None = None
+        self._tuples = False  # whether the blocks return tuples (the hidden states first)
+        self.final: list[torch.Tensor] | None = None  # the last block's outputs, where the caller asked for them
 
     @torch.no_grad()
     def outputs(self) -> list[torch.Tensor]:
         """The current block's outputs on its inputs, computed once: they become the next block's inputs."""
         if self._outputs is None:
             assert self._block is not None
-            self._outputs = [run_block(self._block, hidden, kwargs) for hidden, kwargs in self.inputs]
+            self._outputs = []
+            for hidden, kwargs in self.inputs:
+                out = self._block(hidden, **kwargs)
+                self._tuples = isinstance(out, tuple)
+                self._outputs.append(out[0] if self._tuples else out)
         return self._outputs
+
+    @torch.no_grad()
+    def run_past_blocks(self) -> None:
+        """Run the model over the windows once more, each block replaying the walk's outputs, so that hooks on
+        the modules after the blocks (the final norm, lm_head) see what the blocks as the caller left them give;
+        a hook may raise Stop to end a window batch's pass there. Only the parts outside the blocks come to the
+        device, and they go home after. Needs the last block's outputs (``outputs()`` at the last block)."""
+        assert self.final is not None, "run_past_blocks needs the last block's outputs"
+        _move_outside_blocks(self.model, self.blocks, self.device)
+        try:
+            for batch, output in zip(self.windows.split(self.batch_size), self.final, strict=True):
+                with _replaying(self.blocks, output, self._tuples), contextlib.suppress(Stop):
+                    self.model(batch.to(self.device), use_cache=False)
+        finally:
+            _move_outside_blocks(self.model, self.blocks, HOME)
 
     def __iter__(self) -> Iterator[tuple[int, str, nn.Module]]:
         last = len(self.blocks) - 1
@@ -129,9 +181,12 @@ class BlockWalk:
                 with torch.no_grad(), _holding(block, f"{self.prefix}.{index}.", self.fp_weights):
                     self.fp_outputs = [run_block(block, hidden, kwargs) for hidden, kwargs in self.fp_inputs]
             yield index, f"{self.prefix}.{index}.", block
-            if index < last:  # nothing reads the last block's outputs
+            if index < last:
                 self.inputs = [(h, kw) for h, (_, kw) in zip(self.outputs(), self.inputs, strict=True)]
                 if self.keep_fp:
                     self.fp_inputs = [(h, kw) for h, (_, kw) in zip(self.fp_outputs, self.fp_inputs, strict=True)]
+            else:
+                self.final = self._outputs
             self._block, self._outputs = None, None
-            block.to("cpu")
+            block.to(HOME)
+        _move_outside_blocks(self.model, self.blocks, HOME)
