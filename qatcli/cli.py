@@ -120,6 +120,7 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
         "teacher_dtype": "qat.teacher_dtype",
         "teacher_device": "qat.teacher_device",
         "parallel": "qat.parallel",
+        "gradient_checkpointing": "qat.gradient_checkpointing",
         "variance_reduction": "qat.variance_reduction",
         "save_every": "qat.save_every",
         "eval_every": "qat.eval_every",
@@ -238,6 +239,9 @@ def qat(
     teacher_dtype: Annotated[str | None, flag("qat.teacher_dtype")] = None,
     teacher_device: Annotated[str | None, flag("qat.teacher_device")] = None,
     parallel: Annotated[str | None, flag("qat.parallel")] = None,
+    gradient_checkpointing: Annotated[
+        bool | None, flag("qat.gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")
+    ] = None,
     variance_reduction: Annotated[
         bool | None, flag("qat.variance_reduction", "--variance-reduction/--no-variance-reduction")
     ] = None,

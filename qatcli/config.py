@@ -262,6 +262,13 @@ class QATConfig:
             "sharded over the processes) or ddp (a whole copy on each process, gradients all-reduced)"
         ),
     )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=doc(
+            "Recompute each decoder block's forward in the backward pass of the end-to-end steps instead of "
+            "keeping its activations and fake-quantized weights: less memory, one more forward of the blocks a step"
+        ),
+    )
     save_every: int = field(default=25, metadata=doc("Save the run's state every N steps"))
     skip_nonfinite: int = field(
         default=0,

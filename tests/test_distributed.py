@@ -88,6 +88,19 @@ def test_two_processes_train_as_one(one_process: Path, tiny_model_dir: Path, sot
     assert not (tmp_path / "fsdp.run").exists()
 
 
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_gradient_checkpointing_trains_as_one_process_without_it(
+    one_process: Path, tiny_model_dir: Path, sotu: Path, tmp_path: Path, parallel: str
+) -> None:
+    """Under FSDP a block's weights are gathered again for its recomputation (FSDP's pre-backward hook, outside the
+    checkpointed forward); under DDP the recomputed block's gradients reach the all-reduce as without it."""
+    out = tmp_path / parallel
+    result = torchrun(*qat_args(tiny_model_dir, sotu, out, *STEPS, "--parallel", parallel, "--gradient-checkpointing"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "qatcli.json").read_text())["recipe"]["qat"]["gradient_checkpointing"] is True
+    assert_same_training(one_process, out)
+
+
 @pytest.mark.parametrize("resume", ["ddp", "one process"])
 def test_a_sharded_state_resumes_and_exports(
     one_process: Path, tiny_model_dir: Path, sotu: Path, tmp_path: Path, resume: str

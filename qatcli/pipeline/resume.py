@@ -3,8 +3,8 @@
 A run records both in its run directory when it starts. ``--resume`` compares them with the resumed
 invocation's and refuses any difference, except in the keys that cannot change the trained weights (how
 often to save or evaluate, evaluation and export settings, the device, where the teacher runs, how the steps
-are split over processes) and the step count, which may not fall below the saved step (the schedule follows
-the new count).
+are split over processes, gradient checkpointing) and the step count, which may not fall below the saved step
+(the schedule follows the new count).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from qatcli.recipe import default_value, flatten, shown_value
 RUN_RECORD_FILE = "run.json"
 MAY_CHANGE = (
     *("qat.steps", "qat.save_every", "qat.eval_every", "qat.skip_nonfinite", "qat.parallel", "qat.teacher_device"),
+    "qat.gradient_checkpointing",
     *("eval.*", "export.*", "device", "compare.*"),
 )
 

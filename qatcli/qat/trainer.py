@@ -25,6 +25,7 @@ from qatcli.config import QATConfig
 from qatcli.data.sources import TrainBatches
 from qatcli.errors import QatcliError, TrainingDiverged
 from qatcli.outputs import atomic_file
+from qatcli.qat.checkpointing import checkpointed_blocks
 from qatcli.qat.distributed import Distributed, full_value
 from qatcli.qat.estimators import Estimator
 from qatcli.qat.fake_quant import FakeQuantLinear
@@ -229,14 +230,16 @@ class Trainer:
         """One optimizer step: its loss, gradient norm and number of tokens (a skipped step updates nothing)."""
         total, tokens = 0.0, 0
         self.estimator.before_step(self.step)
-        for _ in range(self.qat.grad_accum):
-            ids = self.batches.next_batch()
-            if self.group is not None:
-                ids = self.group.local_rows(ids)
-            loss = self.loss(ids.to(self.device)) / self.qat.grad_accum
-            loss.backward()
-            total += float(loss.detach())
-            tokens += ids.numel()
+        # the training passes alone: the estimator's calibration, the evaluation and the landscape probe run as they are
+        with checkpointed_blocks(self.model, self.qat.gradient_checkpointing):
+            for _ in range(self.qat.grad_accum):
+                ids = self.batches.next_batch()
+                if self.group is not None:
+                    ids = self.group.local_rows(ids)
+                loss = self.loss(ids.to(self.device)) / self.qat.grad_accum
+                loss.backward()
+                total += float(loss.detach())
+                tokens += ids.numel()
         if self.group is not None:  # the whole batch's loss and tokens, the same on every process
             total, tokens = self.group.mean(total), tokens * self.group.world_size
         skip = self._diverged(total, None)  # before the correction keeps this step's gradients
