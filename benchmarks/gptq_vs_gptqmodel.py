@@ -44,6 +44,7 @@ CELLS: dict[str, tuple[str, list[str], str]] = {
     "qatcli-gar": ("qatcli", [*REFERENCE, "--act-group-aware"], "reference + group-aware order alone"),
     "qatcli-mse": ("qatcli", [*REFERENCE, "--clip", "mse"], "reference + MSE clipping search alone"),
     "qatcli-damp05": ("qatcli", [*REFERENCE, "--damp", "0.05"], "reference + damp 0.05 alone"),
+    "qatcli-gar-mse": ("qatcli", [*REFERENCE, "--act-group-aware", "--clip", "mse"], "reference + group-aware + MSE"),
 }
 __doc__ += "\n".join(f"    {name:20} {what}" for name, (_, _, what) in CELLS.items()) + "\n"
 

@@ -104,11 +104,12 @@ class GPTQOptions:
     act_order: bool = field(
         default=False, metadata=doc("GPTQ desc_act: quantize columns by descending Hessian diagonal")
     )
-    act_group_aware: bool = field(
-        default=False,
+    act_group_aware: bool | str = field(
+        default=AUTO,
         metadata=doc(
             "GPTQ group-aware reordering (GPTQModel's act_group_aware): groups by their largest Hessian diagonal, "
-            "columns by descending diagonal inside each; g_idx stays trivial, so every kernel reads the export"
+            "columns by descending diagonal inside each; g_idx stays trivial, so every kernel reads the export. "
+            "auto: on unless act_order (GPTQModel's default)"
         ),
     )
     static_groups: bool = field(
@@ -122,12 +123,17 @@ class GPTQOptions:
     )
     batch_size: int = field(default=8, metadata=doc("Calibration windows per block forward in GPTQ"))
 
+    @property
+    def group_aware(self) -> bool:
+        """Whether GAR applies: act_group_aware, where auto means on unless act_order takes the columns' order."""
+        return self.act_group_aware is True or (self.act_group_aware == AUTO and not self.act_order)
+
     def quantization_fields(self) -> dict[str, Any]:
         """The options as a checkpoint records them, under GPTQModel's names (quantization_config)."""
         return {
             "damp_percent": self.damp,
             "desc_act": self.act_order,
-            "act_group_aware": self.act_group_aware,
+            "act_group_aware": self.group_aware,
             "static_groups": self.static_groups,
             "true_sequential": self.true_sequential,
             "block_size": self.block_size,

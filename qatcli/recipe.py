@@ -234,7 +234,10 @@ def _value_problems(recipe: Recipe) -> list[str]:
     if e.format is not None:
         _one_of(problems, "export.format", e.format, EXPORT_FORMATS)
     _one_of(problems, "export.dtype", e.dtype, EXPORT_DTYPES)
-    if recipe.gptq.act_order and recipe.gptq.act_group_aware:
+    gar = recipe.gptq.act_group_aware
+    if gar not in (True, False, AUTO):
+        problems.append(f"recipe: gptq.act_group_aware must be auto, true or false, got {gar!r}")
+    if recipe.gptq.act_order and recipe.gptq.act_group_aware is True:
         problems.append("recipe: gptq.act_order and gptq.act_group_aware are two column orders: choose one")
     if not 0 <= recipe.gptq.damp < 10:
         problems.append(f"recipe: gptq.damp must be in [0, 10), got {recipe.gptq.damp}")

@@ -12,7 +12,11 @@ from qatcli.quant.gptq_model import quantize_gptq, sequential_groups
 from qatcli.quant.grid import QuantSpec, default_g_idx, dequantize, fake_quantize, group_qparams, quantize
 
 OUT, IN, TOKENS = 64, 256, 2048
-ORDERS = {"plain": {}, "act_order": {"act_order": True}, "group_aware": {"act_group_aware": True}}
+ORDERS = {
+    "plain": {"act_group_aware": False},
+    "act_order": {"act_order": True},
+    "group_aware": {"act_group_aware": True},
+}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +83,8 @@ def test_group_aware_order_is_plain_gptq_on_the_reordered_columns(layer, group_s
     assert torch.equal(result.g_idx, default_g_idx(IN, group_size).int())  # every kernel reads it
     perm, group_order = group_aware_order(torch.diag(H), spec.effective_group_size(IN))
     assert sorted(perm.tolist()) == list(range(IN)) and sorted(group_order.tolist()) == list(range(len(group_order)))
-    plain = gptq_quantize(W[:, perm], H[perm][:, perm], spec, GPTQOptions(block_size=48), "minmax")
+    plain_order = GPTQOptions(block_size=48, act_group_aware=False)
+    plain = gptq_quantize(W[:, perm], H[perm][:, perm], spec, plain_order, "minmax")
     assert torch.equal(result.weight, plain.weight[:, torch.argsort(perm)])
     assert torch.equal(result.scales[:, group_order], plain.scales)
 
@@ -178,3 +183,9 @@ def test_replaying_finished_submodules_leaves_the_codes_unchanged(monkeypatch: p
     for name in replayed:
         assert torch.equal(replayed[name], computed[name]), name
     assert (replayed_calls, computed_calls) == (3 * 3, 3 * 5)  # 3 batches of 2 windows
+
+
+def test_group_aware_order_is_the_default_unless_act_order() -> None:
+    assert GPTQOptions().group_aware and GPTQOptions().quantization_fields()["act_group_aware"] is True
+    assert not GPTQOptions(act_order=True).group_aware  # desc_act takes the columns' order, as in GPTQModel
+    assert not GPTQOptions(act_group_aware=False).group_aware

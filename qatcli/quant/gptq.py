@@ -105,7 +105,7 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, options: GP
     perm = group_order = None
     if options.act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-    elif options.act_group_aware:
+    elif options.group_aware:
         perm, group_order = group_aware_order(torch.diag(H), g)
     if perm is not None:
         W, H = W[:, perm], H[perm][:, perm]
