@@ -112,6 +112,7 @@ def test_qat_trains_and_exports_exactly(tiny_model_dir: Path, sotu: Path, tmp_pa
         )
     )
     assert result.returncode == 0, result.stderr
+    assert "without the block stage, from the MSE grid, collapses" in result.stderr  # 2 bits, e2e only, mse
     meta = json.loads((out / "qatcli.json").read_text())
     assert meta["method"] == "qat" and meta["qat"]["estimator"] == {"name": "fourier", "amplitudes": [0.21]}
     assert meta["metrics"]["steps"] == 8 and meta["metrics"]["eval"]["ppl"] < meta["metrics"]["eval"]["ppl_before"]

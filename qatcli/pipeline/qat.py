@@ -193,7 +193,14 @@ def _block_stage(
     """The block-wise stage where the recipe asks for it and no end-to-end state has superseded it. Under torchrun
     every process runs it whole (it walks one block at a time, as GPTQ does); process 0 saves the blocks."""
     t = recipe.qat
-    epochs = t.block.epochs_for(min(spec.bits for spec in base.specs.values()))  # the lowest bits decide
+    lowest = min(spec.bits for spec in base.specs.values())
+    epochs = t.block.epochs_for(lowest)  # the lowest bits decide
+    if epochs == 0 and lowest == 2 and t.init in ("fp", "rtn") and recipe.quant.clip == "mse" and t.steps > 0:
+        stderr_console.print(
+            "[yellow]2-bit end-to-end QAT without the block stage, from the MSE grid, collapses (smollm2-135m: "
+            "perplexity 5e5 after 30 steps, 1076 from the min/max grid; docs/results.md): keep the block stage "
+            "or pass --clip minmax"
+        )
     workdir = run_dir(Path(str(recipe.output)))
     if epochs == 0 or has_state(workdir):  # a saved end-to-end state holds the stage's result
         return layers, None, epochs
