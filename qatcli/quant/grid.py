@@ -63,7 +63,6 @@ CLIP_METHODS = ("minmax", "mse")
 CLIP_GRID = 100
 CLIP_MAX_SHRINK = 0.8
 CLIP_NORM = 2.4
-_CLIP_CHUNK_ELEMENTS = 2**24  # weights x factors evaluated at once: 64 MiB of float32
 
 
 def row_qparams(w: torch.Tensor, spec: QuantSpec, clip: str = "minmax") -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,23 +80,21 @@ def row_qparams(w: torch.Tensor, spec: QuantSpec, clip: str = "minmax") -> tuple
         return scales, zeros
     if clip != "mse":
         raise ValueError(f"clip must be one of {CLIP_METHODS}, got {clip!r}")
-    # every factor at once, [F, rows, 1]; argmin keeps the first (largest) factor among equal errors
-    steps = torch.arange(int(CLIP_MAX_SHRINK * CLIP_GRID) + 1, device=w.device, dtype=torch.float64)
-    factors = (1 - steps / CLIP_GRID).float()
-    factors = factors.view(-1, 1, 1)
-    s, z = _range_qparams(wmin * factors, wmax * factors, spec)
-    best = torch.empty(w.shape[0], dtype=torch.long, device=w.device)
-    rows_per_chunk = max(1, _CLIP_CHUNK_ELEMENTS // (factors.numel() * w.shape[1]))
-    for r in range(0, w.shape[0], rows_per_chunk):
-        rows = slice(r, r + rows_per_chunk)
-        best[rows] = clip_error(w[rows], s[:, rows], z[:, rows], spec).argmin(0).squeeze(1)
-    pick = best.view(1, -1, 1)
-    return s.gather(0, pick).squeeze(0), z.gather(0, pick).squeeze(0)
+    best = clip_error(w, scales, zeros, spec)
+    for i in range(1, int(CLIP_MAX_SHRINK * CLIP_GRID) + 1):
+        factor = 1 - i / CLIP_GRID
+        s, z = _range_qparams(wmin * factor, wmax * factor, spec)
+        err = clip_error(w, s, z, spec)
+        better = err < best
+        best = torch.where(better, err, best)
+        scales = torch.where(better, s, scales)
+        zeros = torch.where(better, z, zeros)
+    return scales, zeros
 
 
 def clip_error(w: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """The clipping search's objective per row: sum |w - w_q|^CLIP_NORM, [..., rows, 1]."""
-    return (fake_quantize_dense(w, scales, zeros, spec.maxq) - w).abs_().pow_(CLIP_NORM).sum(-1, keepdim=True)
+    """The clipping search's objective per row: sum |w - w_q|^CLIP_NORM, [rows, 1]."""
+    return (fake_quantize_dense(w, scales, zeros, spec.maxq) - w).abs_().pow_(CLIP_NORM).sum(1, keepdim=True)
 
 
 def _range_qparams(wmin: torch.Tensor, wmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
