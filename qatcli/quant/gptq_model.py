@@ -82,11 +82,14 @@ def _collect_hessians(
 ) -> dict[str, HessianAccumulator]:
     """Run the block over the calibration batches and accumulate each named layer's input Hessian.
 
-    Layers that receive the very same input tensor (q/k/v, gate/up) share one accumulator.
+    Layers that receive the very same input tensor (q/k/v, gate/up) share one accumulator. The first batch runs
+    until every layer has its input, which tells which share one; later batches stop once each accumulator has
+    its input (at q_proj for q/k/v: neither q nor k is computed).
     """
     owner: dict[str, HessianAccumulator] = {}
     shared_with: dict[str, str] = {}
     reached: list[tuple[str, torch.Tensor]] = []
+    expected: list[str] = names  # owner's keys, once the first batch has found them
 
     def hook(name: str):
         def pre_hook(_module: nn.Module, args: tuple) -> None:
@@ -100,7 +103,7 @@ def _collect_hessians(
             if name in owner:
                 owner[name].add(x)
             reached.append((name, x))
-            if len(reached) == len(names):
+            if {n for n, _ in reached}.issuperset(expected):
                 raise Stop
 
         return pre_hook
@@ -111,6 +114,7 @@ def _collect_hessians(
             reached.clear()
             with contextlib.suppress(Stop):
                 run_block(block, hidden, kwargs)
+            expected = list(owner)
     finally:
         for handle in handles:
             handle.remove()
