@@ -177,6 +177,15 @@ def test_mixed_gptq_export_loads_with_each_layers_grid(
         assert torch.equal(modules[name].dequantized_weight(), reference.get_submodule(name).weight), name
     assert torch.equal(logits(ours), logits(reference))
 
+    # eval's table shows the average bits of both, beside the default
+    from qatcli.commands.evaluate import bits_cell
+    from qatcli.pipeline.evaluate import load_for_eval
+    from qatcli.quant.layer import average_bits
+
+    for loaded in (load_for_eval(str(ckpt), CPU), load_for_eval(str(exact), CPU)):
+        assert loaded.info["avg_bits"] == pytest.approx(average_bits(layers)) and average_bits(layers) > 2
+        assert bits_cell(loaded.info) == f"2 (avg {average_bits(layers):.2f})"
+
     # GPTQModel's own loader reads `dynamic`: each QuantLinear has its layer's bits, group size and symmetry
     from gptqmodel import GPTQModel
 

@@ -21,6 +21,14 @@ def _title(cfg: EvalConfig, rows: list[dict[str, Any]], tasks: list[str]) -> str
     return "; ".join(parts)
 
 
+def bits_cell(row: dict[str, Any]) -> str | None:
+    """The bit width, with the average over the quantized weights where layers differ (mixed precision)."""
+    bits, avg = row["bits"], row.get("avg_bits")
+    if bits is None or avg is None or abs(avg - bits) < 1e-9:
+        return None if bits is None else str(bits)
+    return f"{bits} (avg {avg:.2f})"
+
+
 def run_eval(recipe: Recipe, models: list[str], json_path: Path | None, force: bool) -> list[dict[str, Any]]:
     models = models or recipe.eval.models or ([recipe.model] if recipe.model else [])
     if json_path is not None:
@@ -47,7 +55,7 @@ def run_eval(recipe: Recipe, models: list[str], json_path: Path | None, force: b
                 r["name"],
                 r["method"],
                 r["format"],
-                r["bits"],
+                bits_cell(r),
                 r["group_size"],
                 *([r["ppl"], f"{r['windows']} x {r['seqlen']}"] if ppl else []),
                 *(task_cell(r.get("tasks", {}).get(name)) for name in tasks),

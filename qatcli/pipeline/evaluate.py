@@ -22,7 +22,7 @@ from qatcli.formats import compressed_tensors
 from qatcli.formats.checkpoint import base_model_ref, is_checkpoint, load_checkpoint
 from qatcli.formats.packed_model import PackedLinear, load_gptq_model, packed_layer_bytes, read_gptq_config
 from qatcli.pipeline.inputs import Problems
-from qatcli.quant.layer import quantized_bytes
+from qatcli.quant.layer import average_bits, quantized_bytes
 from qatcli.quant.targets import find_targets
 from qatcli.runtime import resolve_device, seed_everything
 
@@ -56,6 +56,7 @@ def load_for_eval(spec: str, device: torch.device) -> Loaded:
             "method": meta["method"],
             "format": "qatcli",
             "bits": q["bits"],
+            "avg_bits": average_bits(layers),
             "group_size": q["group_size"],
             "sym": q["sym"],
             "weight_bytes": quantized_bytes(layers),
@@ -70,6 +71,8 @@ def load_for_eval(spec: str, device: torch.device) -> Loaded:
             "method": qmeta.get("qatcli_method", "gptq"),
             "format": qcfg.get("checkpoint_format", qcfg.get("format", "gptq")),
             "bits": qcfg["bits"],
+            "avg_bits": sum(m.bits * m.in_features * m.out_features for m in packed)
+            / sum(m.in_features * m.out_features for m in packed),
             "group_size": qcfg.get("group_size"),
             "sym": qcfg.get("sym"),
             "weight_bytes": sum(packed_layer_bytes(m) for m in packed),
