@@ -45,6 +45,11 @@ CELLS: dict[str, tuple[str, list[str], str]] = {
     "qatcli-mse": ("qatcli", [*REFERENCE, "--clip", "mse"], "reference + MSE clipping search alone"),
     "qatcli-damp05": ("qatcli", [*REFERENCE, "--damp", "0.05"], "reference + damp 0.05 alone"),
     "qatcli-gar-mse": ("qatcli", [*REFERENCE, "--act-group-aware", "--clip", "mse"], "reference + group-aware + MSE"),
+    "qatcli-gar-mse-damp05": (
+        "qatcli",
+        [*REFERENCE, "--act-group-aware", "--clip", "mse", "--damp", "0.05"],
+        "reference + group-aware + MSE + damp 0.05",
+    ),
 }
 __doc__ += "\n".join(f"    {name:20} {what}" for name, (_, _, what) in CELLS.items()) + "\n"
 
