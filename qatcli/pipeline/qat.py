@@ -3,8 +3,9 @@
 While it runs, the run's state lives in ``<output>.run/`` (state.pt, metrics.jsonl); the finished checkpoint
 appears at ``<output>`` only when training completes, and the working directory is then removed.
 
-Under torchrun (qatcli/qat/distributed.py) every process loads the model and runs the stages before the
-end-to-end steps identically (RTN or GPTQ init, the block stage); process 0 alone evaluates and writes files.
+Under torchrun (qatcli/qat/distributed.py) every process loads the model and runs the start identically (RTN or
+GPTQ init); the block stage splits each of its batches over the processes; process 0 alone evaluates and writes
+files.
 The end-to-end steps run sharded; at their end process 0 gathers the whole trained model and writes the same
 checkpoint a single process would.
 """
@@ -68,6 +69,7 @@ from qatcli.qat.trainer import METRICS_FILE, InterruptedAtStep, Trainer, has_sta
 from qatcli.quant.layer import LayerQuant, apply_fake_quant, average_bits, quantized_bytes
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import plan_quantization, spec_fields
+from qatcli.recipe import lowest_bits
 from qatcli.report.progress import stderr_console
 from qatcli.runtime import peak_memory_mib, resolve_device, seed_everything, start_peak_memory
 
@@ -126,7 +128,8 @@ def check_qat(recipe: Recipe, force: bool, resume: bool) -> None:
             resolve_device(t.teacher_device)
     world_size = launched_world_size()
     if world_size is not None:
-        for problem in distributed_problems(t, world_size):
+        block_stage = t.block.epochs_for(lowest_bits(recipe.quant)) > 0
+        for problem in distributed_problems(t, world_size, block_stage):
             problems.add(problem)
     problems.raise_if_any()
 
@@ -191,7 +194,8 @@ def _block_stage(
     group: Distributed | None,
 ) -> tuple[dict[str, LayerQuant], BlockReport | None, int]:
     """The block-wise stage where the recipe asks for it and no end-to-end state has superseded it. Under torchrun
-    every process runs it whole (it walks one block at a time, as GPTQ does); process 0 saves the blocks."""
+    every process walks its share of each batch of windows and the gradients are averaged (qatcli/qat/block.py);
+    process 0 saves the blocks."""
     t = recipe.qat
     lowest = min(spec.bits for spec in base.specs.values())
     epochs = t.block.epochs_for(lowest)  # the lowest bits decide
@@ -213,7 +217,7 @@ def _block_stage(
     try:
         save = group is None or group.is_main
         layers, report = train_blocks(
-            base.model, layers, windows, t, epochs, recipe.seed, device, workdir, fp_weights, save
+            base.model, layers, windows, t, epochs, recipe.seed, device, workdir, fp_weights, save, group
         )
     except KeyboardInterrupt:
         message = "interrupted in the block stage (finished blocks are kept); continue with --resume"

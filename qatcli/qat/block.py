@@ -9,6 +9,11 @@ model ends on the CPU.
 After each block its trained latent weights and scales are saved in the run directory, one file a block; a
 resumed run walks the same windows again, takes the saved blocks instead of training them, and trains the
 rest exactly as an uninterrupted run would (each block's order of batches and estimator draw from a seed of its own).
+
+Under torchrun every process walks its share of each batch of windows (batch j of its walk is its rows of batch j)
+and every step averages the trainable gradients over the processes: each step is the one-process step of the
+whole batch, to float rounding, and every process holds the same trained block, so its windows' next inputs are
+those the one-process walk computes for them. A process keeps the activations of its own windows only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from qatcli.config import QATConfig
 from qatcli.diagnose.recording import LandscapeRecorder
 from qatcli.errors import TrainingDiverged
 from qatcli.outputs import atomic_file, write_json_atomic
+from qatcli.qat.distributed import Distributed
 from qatcli.qat.estimators import Estimator, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, convert_qat, prepare_qat
 from qatcli.quant.layer import LayerQuant, apply_fake_quant
@@ -70,6 +76,20 @@ def _calibrate(block: nn.Module, walk: BlockWalk, batches: int) -> None:
         run_block(block, hidden, kwargs)
 
 
+def _share(windows: torch.Tensor, batch_size: int, group: Distributed | None) -> tuple[torch.Tensor, int]:
+    """The windows this process walks and its batch size: under torchrun its rows of every batch of
+    ``batch_size`` windows, in order, so that its batch j is its share of batch j; else all of them."""
+    if group is None:
+        return windows, batch_size
+    share = torch.cat([group.local_rows(batch) for batch in windows.split(batch_size)])
+    return share, batch_size // group.world_size
+
+
+def _everywhere(value: float, group: Distributed | None) -> float:
+    """A loss of this process's windows as the loss of all the windows (the mean of equal shares)."""
+    return value if group is None else group.mean(value)
+
+
 def _cosine(step: int, steps: int) -> float:
     """Learning-rate factor: cosine from 1 down to 0.1 over the block's steps."""
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(steps, 1)))
@@ -92,8 +112,10 @@ def _train_block(
     seed: int,
     walk: BlockWalk,
     recorder: LandscapeRecorder | None = None,
+    group: Distributed | None = None,
 ) -> list[dict[str, Any]]:
-    """Train the block; with a ``recorder``, its measurements at step 0 and every ``qat.record_every`` steps."""
+    """Train the block; with a ``recorder``, its measurements at step 0 and every ``qat.record_every`` steps;
+    with ``group``, each process on its share of every batch."""
     cfg = qat.block
     for p in block.parameters():
         p.requires_grad_(False)
@@ -114,12 +136,15 @@ def _train_block(
             hidden, kwargs = walk.inputs[i]
             estimator.before_step(step)
             loss = block_loss(run_block(block, hidden, kwargs), walk.fp_outputs[i], cfg.loss)
-            if not math.isfinite(loss.item()):
+            value = _everywhere(loss.item(), group)  # every process stops at the same step
+            if not math.isfinite(value):
                 raise TrainingDiverged(
-                    f"step {step + 1}: the loss is {loss.item():g}: the block stage stopped before that update; "
+                    f"step {step + 1}: the loss is {value:g}: the block stage stopped before that update; "
                     "the blocks finished before it are kept (lower qat.block.lr or qat.block.scale_lr)"
                 )
             loss.backward()
+            if group is not None:
+                group.average_gradients(weights + scales)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             scheduler.step()
@@ -158,6 +183,7 @@ def train_blocks(
     workdir: Path,
     fp_weights: dict[str, torch.Tensor] | None = None,
     save: bool = True,
+    group: Distributed | None = None,
 ) -> tuple[dict[str, LayerQuant], BlockReport]:
     """Train every block's quantized layers; the model's Linear layers end holding the trained latent weights.
 
@@ -165,12 +191,15 @@ def train_blocks(
     weights where the model holds others (a start from RTN or GPTQ weights); None where it holds them itself.
     With ``qat.record_every``, each block's basin measurements go to its records file (``block_records``).
     Without ``save`` (the processes of a distributed run but the first) the blocks are trained but not saved.
+    With ``group`` (under torchrun) each process trains on its share of every batch (see the module's doc), and
+    the losses reported are those of all the windows.
     Only one block (and the parts outside the blocks) is on ``device`` at a time; the model ends on the CPU.
     """
     done = saved_blocks(workdir)
     if save:
         (workdir / BLOCK_STATE_DIR).mkdir(parents=True, exist_ok=True)
-    walk = BlockWalk(model, windows, qat.block.batch_size, device, keep_fp=True, fp_weights=fp_weights)
+    share, batch_size = _share(windows, qat.block.batch_size, group)
+    walk = BlockWalk(model, share, batch_size, device, keep_fp=True, fp_weights=fp_weights)
     modules = dict(model.named_modules())
     layers = dict(layers)
     latent: dict[str, torch.Tensor] = {}
@@ -193,10 +222,10 @@ def train_blocks(
                 fakes = prepare_qat(model, {n: layers[n] for n in names}, estimator)
                 if qat.record_every:
                     recorder = _recorder(block, fakes, fp, walk, qat.block.loss)
-                report.start[index] = _mean_loss(block, walk, qat.block.loss)
+                report.start[index] = _everywhere(_mean_loss(block, walk, qat.block.loss), group)
                 estimator.setup(lambda batches, block=block: _calibrate(block, walk, batches))
                 try:
-                    records = _train_block(block, fakes, estimator, qat, epochs, seed + index, walk, recorder)
+                    records = _train_block(block, fakes, estimator, qat, epochs, seed + index, walk, recorder, group)
                 except TrainingDiverged as err:
                     raise TrainingDiverged(f"block {index + 1} of {len(walk.blocks)}, {err}") from None
                 layers.update(convert_qat(model, fakes))
@@ -214,7 +243,7 @@ def train_blocks(
             # what the next block sees; the latent weights wait on the CPU, as the blocks do
             latent.update({n: w.to(HOME) for n, w in apply_fake_quant(model, {n: layers[n] for n in names}).items()})
             if index in report.start:  # on the outputs the next block receives, computed once for both
-                report.end[index] = _losses(walk.outputs(), walk.fp_outputs, qat.block.loss)
+                report.end[index] = _everywhere(_losses(walk.outputs(), walk.fp_outputs, qat.block.loss), group)
             loss = f": loss {report.start[index]:.4g} -> {report.end[index]:.4g}" if index in report.end else ""
             progress.update(task, advance=1, description=f"block {index + 1}/{len(walk.blocks)}{loss}")
     with torch.no_grad():

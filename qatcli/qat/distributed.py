@@ -42,13 +42,15 @@ def launched_world_size() -> int | None:
     return int(os.environ["WORLD_SIZE"])
 
 
-def distributed_problems(qat: QATConfig, world_size: int) -> list[str]:
-    """What a run over ``world_size`` processes cannot do (one line each)."""
+def distributed_problems(qat: QATConfig, world_size: int, block_stage: bool) -> list[str]:
+    """What a run over ``world_size`` processes cannot do (one line each); ``block_stage``: whether it runs."""
     problems = []
-    if qat.batch_size % world_size:
-        problems.append(
-            f"under torchrun, qat.batch_size {qat.batch_size} must be a multiple of the {world_size} processes"
-        )
+    sizes = [("qat.batch_size", qat.batch_size)]
+    if block_stage:  # every batch of the stage, its last (nsamples % batch_size windows) too, splits evenly
+        sizes += [("qat.block.batch_size", qat.block.batch_size), ("qat.block.nsamples", qat.block.nsamples)]
+    for key, size in sizes:
+        if size % world_size:
+            problems.append(f"under torchrun, {key} {size} must be a multiple of the {world_size} processes")
     alone = [
         label
         for label, used in (
@@ -98,9 +100,18 @@ class Distributed:
         return bool(t)
 
     @torch.no_grad()
+    def average_gradients(self, params: list[torch.Tensor]) -> None:
+        """The gradients of ``params`` averaged over the processes, in place: every process then takes the same
+        step (the block stage, whose blocks are not wrapped in FSDP or DDP)."""
+        for p in params:
+            assert p.grad is not None
+            dist.all_reduce(p.grad)
+            p.grad.div_(self.world_size)
+
+    @torch.no_grad()
     def broadcast(self, module: nn.Module) -> None:
-        """Process 0's parameters and buffers on every process. GPTQ and the block stage run on every process,
-        and on GPUs their last bits may differ between processes; the shards must all come from one model."""
+        """Process 0's parameters and buffers on every process. GPTQ runs whole on every process, and on GPUs its
+        last bits may differ between processes; the shards must all come from one model."""
         for t in [*module.parameters(), *module.buffers()]:
             moved = t.data.to(self.device)
             dist.broadcast(moved, src=0)
