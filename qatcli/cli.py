@@ -119,6 +119,7 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
         "loss": "qat.loss",
         "teacher_dtype": "qat.teacher_dtype",
         "teacher_device": "qat.teacher_device",
+        "frozen_dtype": "qat.frozen_dtype",
         "parallel": "qat.parallel",
         "gradient_checkpointing": "qat.gradient_checkpointing",
         "variance_reduction": "qat.variance_reduction",
@@ -238,6 +239,7 @@ def qat(
     loss: Annotated[str | None, flag("qat.loss")] = None,
     teacher_dtype: Annotated[str | None, flag("qat.teacher_dtype")] = None,
     teacher_device: Annotated[str | None, flag("qat.teacher_device")] = None,
+    frozen_dtype: Annotated[str | None, flag("qat.frozen_dtype")] = None,
     parallel: Annotated[str | None, flag("qat.parallel")] = None,
     gradient_checkpointing: Annotated[
         bool | None, flag("qat.gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")

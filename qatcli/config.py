@@ -21,6 +21,7 @@ BLOCK_LOSSES = ("mse", "token_mse")
 QAT_TRAIN = ("all", "scales")
 QAT_PARALLEL = ("fsdp", "ddp")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+FROZEN_DTYPES = TEACHER_DTYPES
 AUTO_BLOCK_EPOCHS = 2
 COMPARE_METHODS = ("rtn", "gptq", "awq", "qat")
 EXPORT_DTYPES = tuple(DENSE_DTYPES)
@@ -260,6 +261,15 @@ class QATConfig:
     )
     teacher_device: str = field(
         default="auto", metadata=doc("Where the kd teacher runs: auto (the training device), cpu, cuda or cuda:N")
+    )
+    frozen_dtype: str = field(
+        default="float32",
+        metadata=doc(
+            "dtype of the student's frozen parts in the end-to-end steps (embeddings, norms, lm_head unless "
+            "quantized, layers left in full precision), each computing in it: float32, bfloat16 or float16 (half "
+            "their memory); the latent weights and scales stay float32, the checkpoint reads the frozen parts from "
+            "the base model"
+        ),
     )
     parallel: str = field(
         default="fsdp",

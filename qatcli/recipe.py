@@ -22,6 +22,7 @@ from qatcli.config import (
     COMPARE_METHODS,
     EXPORT_DTYPES,
     EXPORT_FORMATS,
+    FROZEN_DTYPES,
     PTQ_METHODS,
     QAT_LOSSES,
     QAT_PARALLEL,
@@ -214,6 +215,7 @@ def _value_problems(recipe: Recipe) -> list[str]:
     _one_of(problems, "qat.train", t.train, QAT_TRAIN)
     _one_of(problems, "qat.parallel", t.parallel, QAT_PARALLEL)
     _one_of(problems, "qat.teacher_dtype", t.teacher_dtype, TEACHER_DTYPES)
+    _one_of(problems, "qat.frozen_dtype", t.frozen_dtype, FROZEN_DTYPES)
     if t.steps < 0:
         problems.append(f"recipe: qat.steps must be 0 or more, got {t.steps}")
     if not valid_block_epochs(t.block.epochs):

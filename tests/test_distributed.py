@@ -108,6 +108,26 @@ def test_two_processes_split_the_block_stage_as_one(tiny_model_dir: Path, sotu: 
     assert_same_weights(one, two)
 
 
+@pytest.fixture(scope="module")
+def one_process_bf16(tiny_model_dir: Path, sotu: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("one-bf16") / "qat"
+    result = cli(*qat_args(tiny_model_dir, sotu, out, *STEPS, "--frozen-dtype", "bfloat16"))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_bf16_frozen_parts_train_as_one_process(
+    one_process_bf16: Path, tiny_model_dir: Path, sotu: Path, tmp_path: Path, parallel: str
+) -> None:
+    """FSDP gathers a block of fp32 latent weights and bf16 norms as bytes, and shards the bf16 root unit."""
+    out = tmp_path / parallel
+    bf16 = ("--frozen-dtype", "bfloat16")
+    result = torchrun(*qat_args(tiny_model_dir, sotu, out, *STEPS, "--parallel", parallel, *bf16))
+    assert result.returncode == 0, result.stderr
+    assert_same_training(one_process_bf16, out)
+
+
 @pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
 def test_gradient_checkpointing_trains_as_one_process_without_it(
     one_process: Path, tiny_model_dir: Path, sotu: Path, tmp_path: Path, parallel: str

@@ -56,8 +56,11 @@ class OutputHead:
 def head_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, softcap: float | None
 ) -> torch.Tensor:
-    """The logits of ``hidden`` rows, computed as the transformers models do (Gemma 2/3 for the soft-capping)."""
-    logits = F.linear(hidden, weight.to(hidden.dtype), None if bias is None else bias.to(hidden.dtype))
+    """The logits of ``hidden`` rows, computed as the transformers models do (Gemma 2/3 for the soft-capping).
+    A head held in a narrower dtype than the hidden states (QAT's qat.frozen_dtype) computes in its own, as its
+    module does there: an fp32 copy of the vocabulary matrix for every chunk would outweigh what it saves."""
+    dtype = weight.dtype if weight.element_size() < hidden.element_size() else hidden.dtype
+    logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits

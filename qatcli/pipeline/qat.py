@@ -64,6 +64,7 @@ from qatcli.qat.distributed import (
 )
 from qatcli.qat.estimators import make_estimator
 from qatcli.qat.fake_quant import convert_qat, prepare_qat
+from qatcli.qat.frozen import lower_frozen, restore_frozen
 from qatcli.qat.losses import model_ce_loss
 from qatcli.qat.trainer import METRICS_FILE, InterruptedAtStep, Trainer, has_state
 from qatcli.quant.layer import LayerQuant, apply_fake_quant, average_bits, quantized_bytes
@@ -244,6 +245,14 @@ def _teacher(recipe: Recipe, base: Base, device: torch.device) -> nn.Module:
     return load_model(base.ref, where, getattr(torch, t.teacher_dtype))
 
 
+def _initial_weights(recipe: Recipe, base: Base) -> nn.Module:
+    """The model training started from, fp32 on the CPU, where the frozen parts come back from (qat.frozen_dtype)."""
+    init = recipe.qat.init
+    if init in INITS:  # RTN and GPTQ change the quantized layers alone
+        return load_model(base.ref, torch.device("cpu"))
+    return load_checkpoint(Path(init), torch.device("cpu"), fake_quant=False)[0]
+
+
 def _end_to_end(
     recipe: Recipe,
     base: Base,
@@ -266,6 +275,7 @@ def _end_to_end(
     fakes = prepare_qat(base.model, layers, estimator)
     if group is not None:
         group.broadcast(base.model)
+    lowered = [] if t.frozen_dtype == "float32" else lower_frozen(base.model, getattr(torch, t.frozen_dtype))
     trainer = Trainer(base.model, fakes, estimator, teacher, tokens, t, recipe.seed, device, workdir, group)
     if has_state(workdir):
         trainer.load_state()
@@ -298,6 +308,8 @@ def _end_to_end(
     if trainer.step < t.steps:
         stderr_console.print(f"stopped after step {trainer.step} of {t.steps}; continue with --resume")
         return None
+    for handle in lowered:
+        handle.remove()
     if group is None:
         layers = convert_qat(base.model, fakes)
     else:
@@ -414,6 +426,7 @@ def _train(
     if trained is None:
         return None
     base, layers, records = trained
+    restore_frozen(base.model, lambda: _initial_weights(recipe, base))
     _check_trained(base, layers, workdir)
     metrics: dict[str, Any] = {
         "setup_seconds": round(setup_seconds, 3),
