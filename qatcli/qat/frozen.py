@@ -50,7 +50,13 @@ def lower_frozen(model: nn.Module, dtype: torch.dtype) -> list[RemovableHandle]:
     """Store the frozen parameters of ``model`` (every parameter of a module without submodules but the
     fake-quantized layers') in ``dtype``, their modules computing in it; the hooks that do so, to remove after
     training."""
-    trained = {id(p) for m in model.modules() if isinstance(m, FakeQuantLinear) for p in m.parameters()}
+    trained = {id(p): p for m in model.modules() if isinstance(m, FakeQuantLinear) for p in m.parameters()}
+    for param in trained.values():
+        # transformers loads a model on the CPU as views of its memory-mapped weight file, which stays mapped,
+        # the frozen parts' fp32 pages with it, while any view lives; the trained ones' pages are copied on
+        # their first update anyway
+        if param.device.type == "cpu":
+            param.data = param.data.clone()
     inputs, output = _computing_in(dtype)
     handles = []
     for name, module in model.named_modules():
