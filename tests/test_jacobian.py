@@ -83,7 +83,7 @@ def grads(layer: FakeQuantLinear, x: torch.Tensor) -> tuple[torch.Tensor, torch.
 
 
 def with_ste(layer: FakeQuantLinear) -> FakeQuantLinear:
-    layer.estimator = STE().for_layer("layer", layer.grid)
+    layer.estimator = STE().for_layer("layer", layer.grid())
     return layer
 
 
@@ -137,7 +137,7 @@ def test_state_round_trip() -> None:
     est.before_step(0)
     state = est.state_dict()
     other = Jacobian(JacobianConfig(update_every=1), seed=0)
-    other.for_layer("layer", layer.grid)
+    other.for_layer("layer", layer.grid())
     other.load_state_dict(state)
     assert torch.equal(other.layers["layer"].b, est.layers["layer"].b) and other.refreshes == 1
     assert torch.equal(other.layers["layer"].gram, est.layers["layer"].gram)

@@ -98,13 +98,15 @@ class FakeQuantLinear(nn.Module):
         self.scale_grad_factor = 1 / math.sqrt(group_numel * max(positive_levels, 1))
         # not kept here: under FSDP this layer's weight is replaced by its shard, and a reference would keep the
         # whole weight alive (only the jacobian estimator holds the grid, and it runs in one process)
-        self.estimator = estimator.for_layer(
-            name, LayerGrid(self.weight, self.scales, self.zeros, self.g_idx, self.spec.maxq)
-        )
+        self.estimator = estimator.for_layer(name, self.grid())
         # "train": the fake-quantized weight; "latent": the latent weight itself; "probe": the quantized
         # weight as a leaf whose .grad is dL/dW_q (the landscape recorder's inward gradient)
         self.mode = "train"
         self.probe_weight: torch.Tensor | None = None
+
+    def grid(self) -> LayerGrid:
+        """The layer's weight and grid, as an estimator reads them (made anew, not kept: see __init__)."""
+        return LayerGrid(self.weight, self.scales, self.zeros, self.g_idx, self.spec.maxq)
 
     def quantized_weight(self) -> torch.Tensor:
         s = self.scales + (to_fp16_grid(self.scales) - self.scales).detach()
