@@ -128,3 +128,19 @@ def make_checkpoint(model_dir: Path, out: Path, spec: QuantSpec, method: str, ac
     out.mkdir()
     save_checkpoint(out, model, tokenizer, layers, meta)
     return out
+
+
+def assert_export_is_exact(checkpoint: Path, exported: Path) -> None:
+    """The GPTQ export of ``checkpoint`` (fp32 scales) computes the checkpoint's logits exactly."""
+    from qatcli.formats.checkpoint import load_checkpoint
+    from qatcli.formats.export import export_gptq
+    from qatcli.formats.packed_model import load_gptq_model
+
+    cpu = torch.device("cpu")
+    exported.mkdir()
+    export_gptq(checkpoint, exported, dtype="float32")
+    reference, _, _, _ = load_checkpoint(checkpoint, cpu)
+    packed, _, _ = load_gptq_model(exported, cpu)
+    ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(packed(ids).logits, reference(ids).logits)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, tiny_llama_config
+from conftest import assert_export_is_exact, run_cli, tiny_llama_config
 from safetensors.torch import load_file
 from test_cli import assert_one_line_error
 from test_qat import qat_args
@@ -27,9 +27,6 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from qatcli.config import QATConfig
-from qatcli.formats.checkpoint import load_checkpoint
-from qatcli.formats.export import export_gptq
-from qatcli.formats.packed_model import load_gptq_model
 from qatcli.qat.distributed import unsharded_copy
 from qatcli.qat.estimators import make_estimator
 from qatcli.qat.fake_quant import convert_qat, prepare_qat
@@ -160,14 +157,7 @@ def test_a_sharded_state_resumes_and_exports(
     assert_same_training(one_process, out)
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == list(range(1, 7))
 
-    exported = tmp_path / "gptq"
-    exported.mkdir()
-    export_gptq(out, exported, dtype="float32")
-    reference, _, _, _ = load_checkpoint(out, CPU)
-    packed, _, _ = load_gptq_model(exported, CPU)
-    ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(packed(ids).logits, reference(ids).logits)
+    assert_export_is_exact(out, tmp_path / "gptq")
 
 
 def test_a_one_process_state_does_not_resume_under_torchrun(tiny_model_dir: Path, sotu: Path, tmp_path: Path) -> None:

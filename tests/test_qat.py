@@ -10,15 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import run_cli, tiny_llama_config
+from conftest import assert_export_is_exact, run_cli, tiny_llama_config
 from safetensors.torch import load_file
 from test_cli import assert_one_line_error
 from transformers import LlamaForCausalLM
 
 from qatcli.data import head
-from qatcli.formats.checkpoint import load_checkpoint
-from qatcli.formats.export import export_gptq
-from qatcli.formats.packed_model import load_gptq_model
 from qatcli.qat import losses
 from qatcli.qat.trainer import lr_factor
 
@@ -120,14 +117,7 @@ def test_qat_trains_and_exports_exactly(tiny_model_dir: Path, sotu: Path, tmp_pa
     assert [r["step"] for r in records] == list(range(1, 9))
     assert not (tmp_path / "qat.run").exists()
 
-    exported = tmp_path / "gptq"
-    exported.mkdir()
-    export_gptq(out, exported, dtype="float32")
-    reference, _, _, _ = load_checkpoint(out, CPU)
-    packed, _, _ = load_gptq_model(exported, CPU)
-    ids = torch.randint(0, 500, (2, 40), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        assert torch.equal(packed(ids).logits, reference(ids).logits)
+    assert_export_is_exact(out, tmp_path / "gptq")
 
 
 @pytest.mark.parametrize(
