@@ -154,36 +154,70 @@ def test_gptq_codes_do_not_depend_on_the_thread_count() -> None:
     assert torch.equal(results[0].weight, results[1].weight)
 
 
-def test_replaying_finished_submodules_leaves_the_codes_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
-    """True-sequential GPTQ replays a block's attention once its layers are quantized; computing it again on every
-    pass gives the very same weights. The attention must actually be replayed: in the first block, q_proj runs in
-    the o and gate/up passes, and not in the down pass nor the output pass (in the q/k/v pass, only for the first
-    batch, which finds that q, k and v share their input)."""
+def _tiny_gptq_weights(windows: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """True-sequential GPTQ of a tiny Llama on ``windows`` (batches of 2): the weights, and how often block 0's
+    q_proj and gate_proj computed."""
     from transformers import LlamaForCausalLM
 
-    from qatcli.quant.replay import FinishedOutputs
     from qatcli.quant.targets import find_targets
     from tests.conftest import tiny_llama_config
 
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    calls = {"q_proj": 0, "gate_proj": 0}
+    block = model.model.layers[0]
+    for name, layer in (("q_proj", block.self_attn.q_proj), ("gate_proj", block.mlp.gate_proj)):
+        layer.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    targets = find_targets(model, [], [])
+    spec, options = QuantSpec(3, 32, True), GPTQOptions(batch_size=2)
+    quantize_gptq(model, targets, spec, options, "minmax", windows, torch.device("cpu"))
+    return {n: t.weight.detach().clone() for n, t in targets.items()}, calls
+
+
+def test_replaying_finished_submodules_leaves_the_codes_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """True-sequential GPTQ replays a block's attention once its layers are quantized, and computes the output
+    pass's MLP as down_proj on the inputs kept from the down pass; computing everything again on every pass gives
+    the very same weights. Both must actually happen: in the first block, q_proj runs in the o and gate/up passes,
+    not in the down pass nor the output pass (in the q/k/v pass only for the first batch, which finds that q, k
+    and v share their input); gate_proj runs in the down pass, and in the output pass only on the first batch,
+    which checks the shortcut (in the gate/up pass only on the first batch, as q_proj)."""
+    from qatcli.quant.replay import FinishedOutputs
+
     windows = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(0))
-    spec, cpu = QuantSpec(3, 32, True), torch.device("cpu")
-
-    def gptq_weights() -> tuple[dict[str, torch.Tensor], int]:
-        torch.manual_seed(0)
-        model = LlamaForCausalLM(tiny_llama_config()).eval()
-        calls = []
-        model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda *_: calls.append(1))
-        targets = find_targets(model, [], [])
-        quantize_gptq(model, targets, spec, GPTQOptions(batch_size=2), "minmax", windows, cpu)
-        return {n: t.weight.detach().clone() for n, t in targets.items()}, len(calls)
-
-    replayed, replayed_calls = gptq_weights()
+    replayed, replayed_calls = _tiny_gptq_weights(windows)
     monkeypatch.setattr(FinishedOutputs, "freeze", lambda self, module: None)
-    computed, computed_calls = gptq_weights()
+    monkeypatch.setattr(FinishedOutputs, "shortcut", lambda self, module, last: None)
+    computed, computed_calls = _tiny_gptq_weights(windows)
     assert replayed.keys() == computed.keys()
     for name in replayed:
         assert torch.equal(replayed[name], computed[name]), name
-    assert (replayed_calls, computed_calls) == (1 + 3 * 2, 1 + 3 * 4)  # 3 batches of 2 windows
+    # 3 batches of 2 windows
+    assert replayed_calls == {"q_proj": 1 + 3 * 2, "gate_proj": 1 + 3 + 1}
+    assert computed_calls == {"q_proj": 1 + 3 * 4, "gate_proj": 1 + 3 + 3}
+
+
+def test_the_mlp_shortcut_falls_back_where_down_proj_is_not_the_last_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An MLP whose output is not down_proj's output: the first batch's check fails, and the output pass computes
+    the MLP in full on every batch."""
+    from transformers.models.llama.modeling_llama import LlamaMLP
+
+    plain = LlamaMLP.forward
+    monkeypatch.setattr(LlamaMLP, "forward", lambda self, x: 0.5 * plain(self, x))
+    windows = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(0))
+    _, calls = _tiny_gptq_weights(windows)
+    assert calls["gate_proj"] == 1 + 3 + 3
+
+
+def test_inputs_are_not_kept_where_they_do_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qatcli.quant import replay
+
+    windows = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(0))
+    with_room, _ = _tiny_gptq_weights(windows)
+    monkeypatch.setattr(replay, "free_bytes", lambda device: 1000)
+    without_room, calls = _tiny_gptq_weights(windows)
+    assert calls["gate_proj"] == 1 + 3 + 3
+    for name in with_room:
+        assert torch.equal(with_room[name], without_room[name]), name
 
 
 def test_group_aware_order_is_the_default_unless_act_order() -> None:

@@ -73,6 +73,27 @@ def _freeze_finished(
             finished.freeze(child)
 
 
+def _keep_last_inputs(
+    block: nn.Module,
+    prefix: str,
+    group: list[str],
+    modules: dict[str, nn.Module],
+    inputs: Activations,
+    finished: FinishedOutputs,
+) -> tuple[nn.Module, nn.Module] | None:
+    """Before the last group's pass: where that group is one layer whose submodule (a Llama block's mlp) has all
+    its other layers quantized, keep the layer's inputs for the output pass. Returns (submodule, layer)."""
+    if len(group) != 1:
+        return None
+    child_name = group[0][len(prefix) :].split(".")[0]
+    child, layer = getattr(block, child_name), modules[group[0]]
+    if child is layer or not isinstance(layer, nn.Linear):
+        return None
+    tokens = sum(hidden.shape[:-1].numel() for hidden, _ in inputs)
+    nbytes = tokens * layer.in_features * inputs[0][0].element_size()
+    return (child, layer) if finished.keep_inputs(layer, nbytes, inputs[0][0].device) else None
+
+
 def _collect_hessians(
     block: nn.Module,
     names: list[str],
@@ -196,8 +217,12 @@ def quantize_gptq(
             groups = sequential_groups(names, options.true_sequential)
             follows_data = options.true_sequential and all(_sequential_index(n) < len(SEQUENTIAL_GROUPS) for n in names)
             done: set[str] = set()
+            needs_outputs = index < len(walk.blocks) - 1 or bool(outside)
             with FinishedOutputs(block) as finished:
+                shortcut = None
                 for k, group in enumerate(groups):
+                    if follows_data and needs_outputs and k == len(groups) - 1 and len(groups) > 1:
+                        shortcut = _keep_last_inputs(block, prefix, group, modules, walk.inputs, finished)
                     hessians = _collect_hessians(block, group, modules, walk.inputs, device)
                     for name in group:
                         quantize_layer(name, hessians[name])
@@ -207,7 +232,9 @@ def quantize_gptq(
                     if follows_data and k < len(groups) - 1:
                         _freeze_finished(block, prefix, names, done, finished)
                 # what the next block (or lm_head, after the last) reads, while the finished parts replay
-                if index < len(walk.blocks) - 1 or outside:
+                if needs_outputs:
+                    if shortcut is not None:
+                        finished.shortcut(*shortcut)
                     walk.outputs()
             progress.advance(block_task)
         if outside:  # lm_head: on what the quantized blocks give it

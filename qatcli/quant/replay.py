@@ -5,14 +5,41 @@ more for the block's outputs. Once every layer of a submodule (a Llama block's s
 it are quantized, the submodule's output on a batch no longer changes: it is recorded on the next pass and
 returned on the passes after, so the attention runs twice instead of four times. The replayed output is the very
 tensor a new forward would compute, so the codes do not change.
+
+The last group (down_proj) gets the same treatment one step later: its inputs are kept on the pass that collects
+its Hessian, so the output pass computes the MLP as down_proj on the kept input instead of running gate, up and
+the activation again. That holds only where the layer is the submodule's last step; the first batch computes the
+submodule in full and checks that the two agree bit for bit, and falls back to the full forward if they do not.
 """
 
 from __future__ import annotations
 
+import os
 from types import TracebackType
 from typing import Any
 
+import torch
 from torch import nn
+
+# Keep a layer's inputs only where they take at most this share of the memory free on their device.
+KEEP_SHARE = 0.5
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for new tensors on ``device``; 0 where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 0
 
 
 class FinishedOutputs:
@@ -26,14 +53,20 @@ class FinishedOutputs:
         self._block = block
         self._batch = 0
         self._recorded: dict[nn.Module, dict[int, Any]] = {}
+        self._kept: dict[nn.Module, dict[int, torch.Tensor]] = {}
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
     def _note_batch(self, _module: nn.Module, args: tuple) -> None:
         self._batch = id(args[0])
 
+    def _replace_forward(self, module: nn.Module, forward: Any) -> None:
+        self._recorded.setdefault(module, {})
+        module.forward = forward
+
     def freeze(self, module: nn.Module) -> None:
         if module in self._recorded:
             return
-        recorded = self._recorded[module] = {}
+        recorded: dict[int, Any] = {}
         compute = module.forward
 
         def forward(*args: Any, **kwargs: Any) -> Any:
@@ -41,16 +74,51 @@ class FinishedOutputs:
                 recorded[self._batch] = compute(*args, **kwargs)
             return recorded[self._batch]
 
-        module.forward = forward
+        self._replace_forward(module, forward)
+
+    def keep_inputs(self, layer: nn.Module, nbytes: int, device: torch.device) -> bool:
+        """From the next pass on, keep ``layer``'s input on each batch, if ``nbytes`` of them fit on ``device``.
+        Call it before the pass's own hooks are registered, so the input is kept before they stop the pass."""
+        if nbytes > KEEP_SHARE * free_bytes(device):
+            return False
+        kept = self._kept[layer] = {}
+
+        def keep(_module: nn.Module, args: tuple) -> None:
+            kept.setdefault(self._batch, args[0])
+
+        self._handles.append(layer.register_forward_pre_hook(keep))
+        return True
+
+    def shortcut(self, module: nn.Module, last: nn.Module) -> None:
+        """From now on compute ``module`` as ``last`` on its kept input (``keep_inputs``), once the first batch
+        has shown, computing ``module`` in full, that the two give the same tensor."""
+        kept = self._kept.get(last)
+        if not kept:
+            return
+        compute = module.forward
+        checked: list[bool] = []
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            if checked == [True]:
+                return last(kept[self._batch])
+            out = compute(*args, **kwargs)
+            if not checked:
+                checked.append(isinstance(out, torch.Tensor) and torch.equal(out, last(kept[self._batch])))
+            return out
+
+        self._replace_forward(module, forward)
 
     def __enter__(self) -> FinishedOutputs:
-        self._handle = self._block.register_forward_pre_hook(self._note_batch)
+        self._handles.append(self._block.register_forward_pre_hook(self._note_batch))
         return self
 
     def __exit__(
         self, _type: type[BaseException] | None, _value: BaseException | None, _tb: TracebackType | None
     ) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
         for module in self._recorded:
             del module.forward  # the instance attribute: the class's forward is back
         self._recorded.clear()
+        self._kept.clear()
