@@ -1,4 +1,4 @@
-"""qatcli GPTQ against GPTQModel 7.6.0: named cells x bit widths x calibration seeds (x thread counts).
+"""qatcli GPTQ (and AWQ) against GPTQModel 7.6.0: named cells x bit widths x calibration seeds (x thread counts).
 
 Every run of a cell quantizes the same model on the same calibration windows (drawn by qatcli's own function for
 the seed, saved for GPTQModel) and both tools' checkpoints are evaluated by the same `qatcli eval` on the same
@@ -50,6 +50,7 @@ CELLS: dict[str, tuple[str, list[str], str]] = {
         [*REFERENCE, "--act-group-aware", "--clip", "mse", "--damp", "0.05"],
         "reference + group-aware + MSE + damp 0.05",
     ),
+    "qatcli-awq": ("qatcli", ["--method", "awq"], "qatcli AWQ at its defaults (scale search, then the MSE grid)"),
 }
 __doc__ += "\n".join(f"    {name:20} {what}" for name, (_, _, what) in CELLS.items()) + "\n"
 
@@ -75,9 +76,10 @@ def run_cell(args: argparse.Namespace, cell: str, bits: int, seed: int, threads:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), GPTQMODEL_CPU_WORKERS=str(threads))
     common = ["--bits", str(bits), "--group-size", str(args.group_size)]
     if tool == "qatcli":
+        method = [] if "--method" in flags else ["--method", "gptq"]
         sh(
             [
-                *[sys.executable, "-m", "qatcli", "ptq", args.model, "--method", "gptq", *common, "--sym"],
+                *[sys.executable, "-m", "qatcli", "ptq", args.model, *method, *common, "--sym"],
                 *["--calib-data", args.calib_data, "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen)],
                 *[*flags, "--seed", str(seed), "-o", str(out), "--force"],
             ],
@@ -187,7 +189,7 @@ def main() -> None:
             for cell in args.cells:
                 # GPTQModel's thread count is not in question here: it runs with the first count only
                 for threads in args.threads if CELLS[cell][0] == "qatcli" else args.threads[:1]:
-                    key = f"{args.model}-g{args.group_size}-w{bits}-{cell}-s{seed}-t{threads}"
+                    key = f"{Path(args.model).name}-g{args.group_size}-w{bits}-{cell}-s{seed}-t{threads}"
                     record_path = args.workdir / f"{key}.json"
                     if record_path.exists() and json.loads(record_path.read_text())["setting"] == setting(args):
                         continue
