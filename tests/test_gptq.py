@@ -175,12 +175,13 @@ def _tiny_gptq_weights(windows: torch.Tensor) -> tuple[dict[str, torch.Tensor], 
 
 
 def test_replaying_finished_submodules_leaves_the_codes_unchanged(monkeypatch: pytest.MonkeyPatch) -> None:
-    """True-sequential GPTQ replays a block's attention once its layers are quantized, and computes the output
-    pass's MLP as down_proj on the inputs kept from the down pass; computing everything again on every pass gives
-    the very same weights. Both must actually happen: in the first block, q_proj runs in the o and gate/up passes,
-    not in the down pass nor the output pass (in the q/k/v pass only for the first batch, which finds that q, k
-    and v share their input); gate_proj runs in the down pass, and in the output pass only on the first batch,
-    which checks the shortcut (in the gate/up pass only on the first batch, as q_proj)."""
+    """True-sequential GPTQ computes a block's attention as o_proj on the inputs kept from the o pass, and its MLP
+    as down_proj on those kept from the down pass, and replays the attention once its layers are quantized;
+    computing everything again on every pass gives the very same weights. It must actually happen: in the first
+    block, q_proj runs in the o pass, then only on the first batch of the gate/up pass, which checks the
+    attention's shortcut (in the q/k/v pass, only for the first batch, which finds that q, k and v share their
+    input); gate_proj runs in the down pass, then only on the first batch of the output pass (in the gate/up
+    pass only on the first batch, as q_proj)."""
     from qatcli.quant.replay import FinishedOutputs
 
     windows = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(0))
@@ -192,7 +193,7 @@ def test_replaying_finished_submodules_leaves_the_codes_unchanged(monkeypatch: p
     for name in replayed:
         assert torch.equal(replayed[name], computed[name]), name
     # 3 batches of 2 windows
-    assert replayed_calls == {"q_proj": 1 + 3 * 2, "gate_proj": 1 + 3 + 1}
+    assert replayed_calls == {"q_proj": 1 + 3 + 1, "gate_proj": 1 + 3 + 1}
     assert computed_calls == {"q_proj": 1 + 3 * 4, "gate_proj": 1 + 3 + 3}
 
 
@@ -208,6 +209,22 @@ def test_the_mlp_shortcut_falls_back_where_down_proj_is_not_the_last_step(monkey
     assert calls["gate_proj"] == 1 + 3 + 3
 
 
+def test_the_attention_shortcut_falls_back_where_the_attention_returns_more_than_its_output(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An attention that returns its weights too (as eager attention does) is not computed as o_proj alone: the
+    gate/up pass computes it in full on every batch, and the passes after replay it."""
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    plain = LlamaAttention.forward
+    monkeypatch.setattr(
+        LlamaAttention, "forward", lambda self, *args, **kwargs: (plain(self, *args, **kwargs)[0], torch.ones(1))
+    )
+    windows = torch.randint(0, 512, (6, 32), generator=torch.Generator().manual_seed(0))
+    _, calls = _tiny_gptq_weights(windows)
+    assert calls == {"q_proj": 1 + 3 + 3, "gate_proj": 1 + 3 + 1}
+
+
 def test_inputs_are_not_kept_where_they_do_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
     from qatcli.quant import replay
 
@@ -215,7 +232,7 @@ def test_inputs_are_not_kept_where_they_do_not_fit(monkeypatch: pytest.MonkeyPat
     with_room, _ = _tiny_gptq_weights(windows)
     monkeypatch.setattr(replay, "free_bytes", lambda device: 1000)
     without_room, calls = _tiny_gptq_weights(windows)
-    assert calls["gate_proj"] == 1 + 3 + 3
+    assert calls == {"q_proj": 1 + 3 + 3, "gate_proj": 1 + 3 + 3}
     for name in with_room:
         assert torch.equal(with_room[name], without_room[name]), name
 

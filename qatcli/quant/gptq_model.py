@@ -81,8 +81,9 @@ def _keep_last_inputs(
     inputs: Activations,
     finished: FinishedOutputs,
 ) -> tuple[nn.Module, nn.Module] | None:
-    """Before the last group's pass: where that group is one layer whose submodule (a Llama block's mlp) has all
-    its other layers quantized, keep the layer's inputs for the output pass. Returns (submodule, layer)."""
+    """Before a group's pass: where the group is one layer, in a submodule whose other layers are quantized (o_proj
+    in a Llama block's self_attn, down_proj in its mlp), keep the layer's inputs for the passes after, where the
+    submodule is computed as the layer on them (FinishedOutputs.shortcut). Returns (submodule, layer)."""
     if len(group) != 1:
         return None
     child_name = group[0][len(prefix) :].split(".")[0]
@@ -219,9 +220,10 @@ def quantize_gptq(
             done: set[str] = set()
             needs_outputs = index < len(walk.blocks) - 1 or bool(outside)
             with FinishedOutputs(block) as finished:
-                shortcut = None
                 for k, group in enumerate(groups):
-                    if follows_data and needs_outputs and k == len(groups) - 1 and len(groups) > 1:
+                    last = k == len(groups) - 1
+                    shortcut = None
+                    if follows_data and k > 0 and (needs_outputs or not last):
                         shortcut = _keep_last_inputs(block, prefix, group, modules, walk.inputs, finished)
                     hessians = _collect_hessians(block, group, modules, walk.inputs, device)
                     for name in group:
@@ -229,12 +231,12 @@ def quantize_gptq(
                         progress.advance(layer_task)
                     del hessians
                     done.update(group)
-                    if follows_data and k < len(groups) - 1:
+                    if shortcut is not None:
+                        finished.shortcut(*shortcut)
+                    if follows_data and not last:
                         _freeze_finished(block, prefix, names, done, finished)
                 # what the next block (or lm_head, after the last) reads, while the finished parts replay
                 if needs_outputs:
-                    if shortcut is not None:
-                        finished.shortcut(*shortcut)
                     walk.outputs()
             progress.advance(block_task)
         if outside:  # lm_head: on what the quantized blocks give it

@@ -3,13 +3,16 @@
 True-sequential GPTQ runs a block over every batch once per group of layers (q/k/v, o, gate/up, down) and once
 more for the block's outputs. Once every layer of a submodule (a Llama block's self_attn) and every layer before
 it are quantized, the submodule's output on a batch no longer changes: it is recorded on the next pass and
-returned on the passes after, so the attention runs twice instead of four times. The replayed output is the very
-tensor a new forward would compute, so the codes do not change.
+returned on the passes after. The replayed output is the very tensor a new forward would compute, so the codes do
+not change.
 
-The last group (down_proj) gets the same treatment one step later: its inputs are kept on the pass that collects
-its Hessian, so the output pass computes the MLP as down_proj on the kept input instead of running gate, up and
-the activation again. That holds only where the layer is the submodule's last step; the first batch computes the
-submodule in full and checks that the two agree bit for bit, and falls back to the full forward if they do not.
+A submodule whose last step is a single layer quantized on its own (o_proj in the attention, down_proj in the
+MLP) gets there one pass sooner: the layer's inputs are kept on the pass that collects its Hessian, and from the
+next pass on the submodule is computed as that layer on the kept input, without the attention or gate, up and
+the activation before it. That holds only where the layer is the submodule's last step; the first batch computes
+the submodule in full and checks that the two agree bit for bit, and falls back to the full forward if they do
+not. With both, the attention runs in full on one pass per block (o_proj's) instead of four, and the MLP on
+one (down_proj's) instead of two.
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ class FinishedOutputs:
     def __init__(self, block: nn.Module) -> None:
         self._block = block
         self._batch = 0
-        self._recorded: dict[nn.Module, dict[int, Any]] = {}
+        self._frozen: set[nn.Module] = set()
+        self._replaced: set[nn.Module] = set()  # modules whose forward is an instance attribute set here
         self._kept: dict[nn.Module, dict[int, torch.Tensor]] = {}
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 
@@ -60,12 +64,13 @@ class FinishedOutputs:
         self._batch = id(args[0])
 
     def _replace_forward(self, module: nn.Module, forward: Any) -> None:
-        self._recorded.setdefault(module, {})
+        self._replaced.add(module)
         module.forward = forward
 
     def freeze(self, module: nn.Module) -> None:
-        if module in self._recorded:
+        if module in self._frozen:
             return
+        self._frozen.add(module)
         recorded: dict[int, Any] = {}
         compute = module.forward
 
@@ -91,19 +96,27 @@ class FinishedOutputs:
 
     def shortcut(self, module: nn.Module, last: nn.Module) -> None:
         """From now on compute ``module`` as ``last`` on its kept input (``keep_inputs``), once the first batch
-        has shown, computing ``module`` in full, that the two give the same tensor."""
+        has shown, computing ``module`` in full, that the two give the same tensor. A module that returns a
+        tuple (a Llama attention: its output and None for the attention weights) qualifies where the rest of
+        the tuple is None."""
         kept = self._kept.get(last)
         if not kept:
             return
         compute = module.forward
         checked: list[bool] = []
+        arity: list[int] = []  # the tuple's length, where the module returns one
 
         def forward(*args: Any, **kwargs: Any) -> Any:
             if checked == [True]:
-                return last(kept[self._batch])
+                out = last(kept[self._batch])
+                return (out, *[None] * (arity[0] - 1)) if arity else out
             out = compute(*args, **kwargs)
             if not checked:
-                checked.append(isinstance(out, torch.Tensor) and torch.equal(out, last(kept[self._batch])))
+                first, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
+                if isinstance(out, tuple):
+                    arity.append(len(out))
+                same = isinstance(first, torch.Tensor) and torch.equal(first, last(kept[self._batch]))
+                checked.append(same and all(r is None for r in rest))
             return out
 
         self._replace_forward(module, forward)
@@ -118,7 +131,8 @@ class FinishedOutputs:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
-        for module in self._recorded:
+        for module in self._replaced:
             del module.forward  # the instance attribute: the class's forward is back
-        self._recorded.clear()
+        self._replaced.clear()
+        self._frozen.clear()
         self._kept.clear()
