@@ -103,20 +103,20 @@ class FinishedOutputs:
         if not kept:
             return
         compute = module.forward
-        checked: list[bool] = []
-        arity: list[int] = []  # the tuple's length, where the module returns one
+        verdict: bool | None = None  # the first batch's check
+        arity = 0  # the tuple's length, where the module returns one
 
         def forward(*args: Any, **kwargs: Any) -> Any:
-            if checked == [True]:
+            nonlocal verdict, arity
+            if verdict:
                 out = last(kept[self._batch])
-                return (out, *[None] * (arity[0] - 1)) if arity else out
+                return (out, *[None] * (arity - 1)) if arity else out
             out = compute(*args, **kwargs)
-            if not checked:
+            if verdict is None:
                 first, rest = (out[0], out[1:]) if isinstance(out, tuple) else (out, ())
-                if isinstance(out, tuple):
-                    arity.append(len(out))
+                arity = len(out) if isinstance(out, tuple) else 0
                 same = isinstance(first, torch.Tensor) and torch.equal(first, last(kept[self._batch]))
-                checked.append(same and all(r is None for r in rest))
+                verdict = same and all(r is None for r in rest)
             return out
 
         self._replace_forward(module, forward)
