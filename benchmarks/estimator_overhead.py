@@ -113,24 +113,28 @@ def measure(args: argparse.Namespace, group_size: int, device: torch.device) -> 
             model(calibration.next_batch().to(device), use_cache=False)
 
     setup_seconds: dict[str, float] = {}
-    times: dict[str, list[float]] = {name: [] for name in ["fp", *(["torchao"] if ao else []), *estimators]}
+    # each estimator with the compiled kernels, and with plain PyTorch as "NAME plain" under --plain
+    cells = [(name, name, True) for name in estimators]
+    cells += [(f"{name} plain", name, False) for name in estimators] if args.plain else []
+    times: dict[str, list[float]] = {c: [] for c in ["fp", *(["torchao"] if ao else []), *(c[0] for c in cells)]}
     for step in range(args.steps + WARMUP):
         ids = batches.next_batch().to(device)
         seconds = {"fp": timed_step(fp, ids, device, lambda: None)}
         if ao is not None:
             seconds["torchao"] = timed_step(ao, ids, device, lambda: None)
-        for name, estimator in estimators.items():
+        for cell, name, fused in cells:
+            estimator = estimators[name]
             for layer, fake in fakes.items():
-                fake.estimator = layer_estimators[name][layer]
-            if step == 0:
+                fake.estimator, fake.fused = layer_estimators[name][layer], fused
+            if step == 0 and fused:
                 estimator.setup(calibrate)
                 sync(device)
                 t0 = time.perf_counter()
                 estimator.before_step(0)  # jacobian caches its Gram blocks here
                 sync(device)
-                setup_seconds[name] = time.perf_counter() - t0
+                setup_seconds[cell] = time.perf_counter() - t0
             before = (lambda e=estimator, s=step - WARMUP: e.before_step(s)) if step >= WARMUP else (lambda: None)
-            seconds[name] = timed_step(model, ids, device, before)
+            seconds[cell] = timed_step(model, ids, device, before)
         if step >= WARMUP:
             for name, value in seconds.items():
                 times[name].append(value)
@@ -154,6 +158,9 @@ def main() -> None:
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[64])
     parser.add_argument("--estimators", nargs="+", default=["ste", "fourier", "jacobian"], help="First = baseline.")
     parser.add_argument("--no-torchao", dest="torchao", action="store_false", help="Leave out the torchao row.")
+    parser.add_argument(
+        "--plain", action="store_true", help="Also time each estimator with plain PyTorch (qat.fused false)."
+    )
     parser.add_argument("--steps", type=int, default=20, help="Measured batches (after 2 warm-up batches).")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=256)
@@ -171,7 +178,8 @@ def main() -> None:
         f"Machine: {machine()}  ",
         f"Model {args.model}, {args.bits}-bit, batches of {args.batch_size} x {args.seqlen} tokens; before-step "
         f"work + forward + backward, the same {args.steps} batches for fp, torchao (0.18 IntxFakeQuantizeConfig, "
-        f"weight-only, on the same layers) and every estimator, interleaved. Ratios "
+        f"weight-only, on the same layers) and every estimator (compiled kernels; NAME plain: plain PyTorch), "
+        "interleaved. Ratios "
         f"from the mean step time against fp and against {args.estimators[0]}; jacobian refreshes B every "
         f"{JacobianConfig().update_every} steps (counted), its one-time setup is apart.",
         "",

@@ -227,6 +227,13 @@ class QATConfig:
             "What the end-to-end steps train: all (latent weights and scales) or scales (EfficientQAT's E2E-QP)"
         ),
     )
+    fused: bool = field(
+        default=True,
+        metadata=doc(
+            "Run fake quantization's elementwise work as compiled kernels (torch.compile: one pass over each weight "
+            "instead of about ten); false, or where compiling fails, plain PyTorch"
+        ),
+    )
     variance_reduction: bool = field(default=False, metadata=doc("MARS-style corrected gradients inside AdamW"))
     vr_gamma: float = field(default=0.025, metadata=doc("MARS's gamma, with variance_reduction"))
     init: str = field(

@@ -51,6 +51,7 @@ def test_forward_is_the_grid(sym: bool, scattered: bool) -> None:
 
 def test_contiguous_groups_take_the_same_gradients_as_the_per_column_path() -> None:
     layer = fake_linear(Fourier([0.21]), QuantSpec(3, 16, sym=False))
+    layer.fused = False  # both paths in plain PyTorch: the compiled one differs in cos's last bits
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(4))
     reshaped = grads(layer, x)
     forward = layer.quantized_weight().detach()
@@ -59,6 +60,52 @@ def test_contiguous_groups_take_the_same_gradients_as_the_per_column_path() -> N
     gathered = grads(layer, x)
     assert torch.equal(reshaped[0], gathered[0])
     torch.testing.assert_close(reshaped[1], gathered[1])  # sums over a group in another order
+
+
+@pytest.mark.parametrize("estimator", [STE(), Fourier([0.21])], ids=["ste", "fourier"])
+@pytest.mark.parametrize("sym", [True, False])
+def test_compiled_kernels_compute_what_plain_pytorch_does(estimator: Estimator, sym: bool) -> None:
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(6))
+    layer = fake_linear(estimator, QuantSpec(2, 16, sym))
+    assert layer.fused
+    compiled_forward, compiled = layer.quantized_weight().detach(), grads(layer, x)
+    layer.fused = False
+    assert torch.equal(compiled_forward, layer.quantized_weight().detach())
+    plain = grads(layer, x)
+    torch.testing.assert_close(compiled[0], plain[0], rtol=1e-5, atol=1e-6)  # fourier: cos's last bits
+    torch.testing.assert_close(compiled[1], plain[1])
+    assert fused_kernels_ran()
+
+
+def fused_kernels_ran() -> bool:
+    from qatcli.qat.fused import _KERNELS
+
+    return not _KERNELS.failed and len(_KERNELS.compiled) == 2
+
+
+def test_a_compiler_failure_falls_back_to_plain_pytorch_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from qatcli.qat import fused
+
+    def no_compiler(fn, **kwargs):
+        def fail(*args):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+
+        return fail
+
+    kernels = fused._Kernels()
+    monkeypatch.setattr(fused, "_KERNELS", kernels)
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(6))
+    layer = fake_linear(STE(), QuantSpec(3, 16))
+    first = grads(layer, x)
+    second = grads(layer, x)
+    layer.fused = False
+    assert torch.equal(first[0], grads(layer, x)[0]) and torch.equal(first[0], second[0])
+    assert kernels.failed
+    err = capsys.readouterr().err
+    assert err.count("fused fake-quantization kernels unavailable (InvalidCxxCompiler") == 1
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])

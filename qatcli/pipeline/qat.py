@@ -272,7 +272,7 @@ def _end_to_end(
     workdir = run_dir(Path(str(recipe.output)))
     teacher = _teacher(recipe, base, device) if t.loss == "kd" else None
     estimator = make_estimator(t, recipe.seed)
-    fakes = prepare_qat(base.model, layers, estimator)
+    fakes = prepare_qat(base.model, layers, estimator, t.fused)
     if group is not None:
         group.broadcast(base.model)
     lowered = [] if t.frozen_dtype == "float32" else lower_frozen(base.model, getattr(torch, t.frozen_dtype))

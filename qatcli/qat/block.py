@@ -219,7 +219,7 @@ def train_blocks(
                 recorder = None
                 if qat.record_every:
                     fp = {n: (fp_weights or {}).get(n, modules[n].weight).detach().clone() for n in names}
-                fakes = prepare_qat(model, {n: layers[n] for n in names}, estimator)
+                fakes = prepare_qat(model, {n: layers[n] for n in names}, estimator, qat.fused)
                 if qat.record_every:
                     recorder = _recorder(block, fakes, fp, walk, qat.block.loss)
                 report.start[index] = _everywhere(_mean_loss(block, walk, qat.block.loss), group)

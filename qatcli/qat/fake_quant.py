@@ -17,24 +17,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatcli.qat.estimators import Estimator, LayerEstimator, LayerGrid
-from qatcli.quant.grid import default_g_idx, round_to_grid, to_fp16_grid
+from qatcli.qat.fused import fake_quantize, fake_quantize_backward, grouped_backward, grouped_forward
+from qatcli.quant.grid import default_g_idx, to_fp16_grid
 from qatcli.quant.layer import LayerQuant, make_layer_quant
-
-
-def _grouped(
-    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, g_idx: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """w with s and z broadcastable to it: [out, G, gs] views for contiguous groups (g_idx None), else per column."""
-    if g_idx is None:
-        return w.reshape(s.shape[0], s.shape[1], -1), s.unsqueeze(-1), z.unsqueeze(-1)
-    return w, s.index_select(1, g_idx), z.index_select(1, g_idx)
 
 
 class _FakeQuantize(torch.autograd.Function):
     """W_q = s (round_to_grid(w, s, z) - z); backward: the estimator's factor for w, LSQ for s.
 
-    Only w (the parameter itself) and the [out, G] parameters are saved: v = w / s is recomputed in backward
-    rather than kept, which would cost one more weight-sized tensor per layer for the whole step.
+    Only w (the parameter itself) and the [out, G] parameters are saved (qatcli/qat/fused.py recomputes the rest).
     """
 
     @staticmethod
@@ -47,40 +38,37 @@ class _FakeQuantize(torch.autograd.Function):
         maxq: int,
         estimator: LayerEstimator,
         scale_grad_factor: float,
+        fused: bool,
     ) -> torch.Tensor:
-        w_g, s_g, z_g = _grouped(w, s, z, g_idx)
         ctx.save_for_backward(w, s, z)
-        ctx.g_idx, ctx.maxq, ctx.estimator, ctx.factor = g_idx, maxq, estimator, scale_grad_factor
-        # in place on round_to_grid's fresh result: each new weight-sized tensor costs page faults on CPU
-        return round_to_grid(w_g, s_g, z_g, maxq).sub_(z_g).mul_(s_g).reshape(w.shape)
+        ctx.g_idx, ctx.maxq, ctx.estimator, ctx.factor, ctx.fused = g_idx, maxq, estimator, scale_grad_factor, fused
+        if g_idx is None:
+            s_g, z_g = s.unsqueeze(-1), z.unsqueeze(-1)
+            return grouped_forward(w.reshape(*s.shape, -1), s_g, z_g, maxq, fused).reshape(w.shape)
+        return fake_quantize(w, s.index_select(1, g_idx), z.index_select(1, g_idx), maxq)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         w, s, z = ctx.saved_tensors
-        w_g, s_g, z_g = _grouped(w, s, z, ctx.g_idx)
-        grad = grad.reshape(w_g.shape)
-        v = w_g / s_g
-        rounded = torch.round(v)
-        level = (rounded + z_g).clamp_(0, ctx.maxq).sub_(z_g)  # q - z: round(v) inside the range, the clamp outside
-        inside = level == rounded
-        factor = ctx.estimator.grad_factor(v)
-        grad_w = grad * inside if isinstance(factor, float) and factor == 1.0 else (grad * factor).mul_(inside)
-        grad_w = grad_w.reshape(w.shape)
-        # d W_q / d s = level - v inside the range, level outside (in place: v is not needed any more)
-        grad_s_elem = level.sub_(v.mul_(inside)).mul_(grad)
-        if ctx.g_idx is None:
-            grad_s = grad_s_elem.sum(-1)
-        else:
-            grad_s = torch.zeros(s.shape, device=w.device, dtype=grad.dtype)
-            grad_s.index_add_(1, ctx.g_idx, grad_s_elem)
-        return grad_w, grad_s * ctx.factor, None, None, None, None, None
+        g_idx = ctx.g_idx
+        if g_idx is None:
+            w_g = w.reshape(*s.shape, -1)
+            grad_w, grad_s = grouped_backward(
+                w_g, s.unsqueeze(-1), z.unsqueeze(-1), grad.reshape(w_g.shape), ctx.maxq, ctx.estimator, ctx.fused
+            )
+        else:  # columns in act-order groups: per-column scales, and the scale gradient gathered back per group
+            s_c, z_c = s.index_select(1, g_idx), z.index_select(1, g_idx)
+            grad_w, grad_s_elem = fake_quantize_backward(w, s_c, z_c, grad, ctx.maxq, ctx.estimator)
+            grad_s = torch.zeros(s.shape, device=w.device, dtype=grad.dtype).index_add_(1, g_idx, grad_s_elem)
+        return grad_w.reshape(w.shape), grad_s * ctx.factor, None, None, None, None, None, None
 
 
 class FakeQuantLinear(nn.Module):
     """A Linear computing with its fake-quantized weight. Build it on its device: its estimator holds its tensors."""
 
-    def __init__(self, linear: nn.Linear, lq: LayerQuant, estimator: Estimator, name: str) -> None:
+    def __init__(self, linear: nn.Linear, lq: LayerQuant, estimator: Estimator, name: str, fused: bool = True) -> None:
         super().__init__()
+        self.fused = fused  # compiled elementwise kernels (qatcli/qat/fused.py)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
         self.bias = linear.bias
@@ -112,7 +100,7 @@ class FakeQuantLinear(nn.Module):
         s = self.scales + (to_fp16_grid(self.scales) - self.scales).detach()
         g_idx = None if self.contiguous else self.g_idx
         return _FakeQuantize.apply(
-            self.weight, s, self.zeros, g_idx, self.spec.maxq, self.estimator, self.scale_grad_factor
+            self.weight, s, self.zeros, g_idx, self.spec.maxq, self.estimator, self.scale_grad_factor, self.fused
         )
 
     def weight_for(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,12 +132,14 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
-def prepare_qat(model: nn.Module, layers: dict[str, LayerQuant], estimator: Estimator) -> dict[str, FakeQuantLinear]:
+def prepare_qat(
+    model: nn.Module, layers: dict[str, LayerQuant], estimator: Estimator, fused: bool = True
+) -> dict[str, FakeQuantLinear]:
     """Replace each layer in ``layers`` by a FakeQuantLinear sharing its weight (with its own per-layer estimator
-    from ``estimator``); return them by name."""
+    from ``estimator``, and compiled kernels where ``fused``); return them by name."""
     fakes = {}
     for name, lq in layers.items():
-        fakes[name] = FakeQuantLinear(model.get_submodule(name), lq, estimator, name)
+        fakes[name] = FakeQuantLinear(model.get_submodule(name), lq, estimator, name, fused)
         _swap(model, name, fakes[name])
     return fakes
 

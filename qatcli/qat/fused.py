@@ -1,0 +1,94 @@
+"""Fake quantization's elementwise work, run as plain PyTorch or as torch.compile'd kernels.
+
+Plain PyTorch makes one pass over a weight-sized tensor per operation (division, rounding, clamp, the range mask,
+the estimator's factor, the scale gradient), about ten a layer in each step; compiled, the forward and the
+backward are one pass each. That difference was most of what QAT added to a training step on the CPU (docs/
+results.md, step time). Both ways run the functions below, so they compute the same thing: the forward bit for
+bit, the backward up to the order of the scale gradient's sums and the math library's cos (fourier).
+
+Compiled kernels take shapes as symbols (one compilation per estimator class, not per layer shape). Where
+compiling fails (no C++ compiler on a CPU-only machine, say), a one-line warning says so and plain PyTorch runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from qatcli.quant.grid import round_to_grid
+from qatcli.report.progress import stderr_console
+
+
+def fake_quantize(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> torch.Tensor:
+    """W_q = s (round_to_grid(w, s, z) - z), with s and z broadcast to w."""
+    # in place on round_to_grid's fresh result: each new weight-sized tensor costs page faults on the CPU
+    return round_to_grid(w, s, z, maxq).sub_(z).mul_(s)
+
+
+def fake_quantize_backward(
+    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, maxq: int, estimator: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dL/dw (the estimator's factor inside the clamp range, 0 outside) and dL/ds per element, both w's shape.
+
+    v = w / s is recomputed here rather than kept from the forward, which would hold one more weight-sized tensor
+    per layer for the whole step. ``estimator`` is the layer's LayerEstimator.
+    """
+    v = w / s
+    rounded = torch.round(v)
+    level = (rounded + z).clamp_(0, maxq).sub_(z)  # q - z: round(v) inside the range, the clamp outside
+    inside = level == rounded
+    factor = estimator.grad_factor(v)
+    grad_w = grad * inside if isinstance(factor, float) and factor == 1.0 else (grad * factor).mul_(inside)
+    # d W_q / d s = level - v inside the range, level outside (in place: v is not needed any more)
+    grad_s = level.sub_(v.mul_(inside)).mul_(grad)
+    return grad_w, grad_s
+
+
+def _grouped_backward(
+    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, maxq: int, estimator: Any
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fake_quantize_backward on [out, G, gs] groups, with the scale gradient summed over each group: [out, G]."""
+    grad_w, grad_s = fake_quantize_backward(w, s, z, grad, maxq, estimator)
+    return grad_w, grad_s.sum(-1)
+
+
+class _Kernels:
+    """The compiled kernels, made on first use (importing the compiler costs seconds); eager after a failure."""
+
+    def __init__(self) -> None:
+        self.compiled: dict[str, Callable[..., Any]] = {}
+        self.failed = False
+
+    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        if self.failed:
+            return fn(*args)
+        if fn.__name__ not in self.compiled:
+            self.compiled[fn.__name__] = torch.compile(fn, dynamic=True)
+        try:
+            return self.compiled[fn.__name__](*args)
+        except Exception as err:  # any compiler failure: the same math runs eagerly below
+            self.failed = True
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            stderr_console.print(
+                f"[yellow]warning: fused fake-quantization kernels unavailable ({reason[:160]}); "
+                "running plain PyTorch (set qat.fused to false to skip the attempt)"
+            )
+            return fn(*args)
+
+
+_KERNELS = _Kernels()
+
+
+def grouped_forward(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int, fused: bool) -> torch.Tensor:
+    """fake_quantize on [out, G, gs] groups with [out, G, 1] scales and zeros, compiled where ``fused``."""
+    return _KERNELS.run(fake_quantize, w, s, z, maxq) if fused else fake_quantize(w, s, z, maxq)
+
+
+def grouped_backward(
+    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, maxq: int, estimator: Any, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """dL/dw ([out, G, gs]) and dL/ds ([out, G]) on contiguous groups, compiled where ``fused``."""
+    args = (w, s, z, grad, maxq, estimator)
+    return _KERNELS.run(_grouped_backward, *args) if fused else _grouped_backward(*args)
