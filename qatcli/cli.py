@@ -123,6 +123,7 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
         "parallel": "qat.parallel",
         "gradient_checkpointing": "qat.gradient_checkpointing",
         "variance_reduction": "qat.variance_reduction",
+        "fused": "qat.fused",
         "save_every": "qat.save_every",
         "eval_every": "qat.eval_every",
         "calib_data": "calib.data",
@@ -247,6 +248,7 @@ def qat(
     variance_reduction: Annotated[
         bool | None, flag("qat.variance_reduction", "--variance-reduction/--no-variance-reduction")
     ] = None,
+    fused: Annotated[bool | None, flag("qat.fused", "--fused/--no-fused")] = None,
     save_every: Annotated[int | None, flag("qat.save_every")] = None,
     eval_every: Annotated[int | None, flag("qat.eval_every")] = None,
     set_: SetOpt = None,
