@@ -346,7 +346,13 @@ class EvalConfig:
         default=None, metadata=doc("Examples in each task prompt (default: the task's own, else 0)")
     )
     limit: int | None = field(default=None, metadata=doc("Evaluate at most the first N items of each task"))
-    batch_size: int = field(default=8, metadata=doc("Task requests per forward pass (tasks only)"))
+    batch_size: int = field(
+        default=8,
+        metadata=doc(
+            "Task requests per forward pass (tasks only); fewer where the vocabulary is large (2 for gemma3-270m's "
+            "262k), so that lm-eval's full-vocabulary logits stay small"
+        ),
+    )
 
 
 @dataclass

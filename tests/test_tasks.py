@@ -192,3 +192,28 @@ compare:
     assert {c: r["status"] for c, r in rows.items()} == {"fp": "new", "rtn-w2-g32": "re-evaluated"}
     assert checkpoint.stat().st_mtime_ns == stamp
     assert all(r["tasks"]["tiny_facts"]["samples"] == 4 for r in rows.values())
+
+
+def test_a_large_vocabulary_scores_fewer_requests_at_once(
+    tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lm_eval.models.huggingface import HFLM
+
+    from qatcli.config import EvalConfig
+    from qatcli.data import tasks
+
+    assert [tasks.task_batch_size(8, v) for v in (49152, 262144, 2**20)] == [8, 2, 1]
+    model, tokenizer = fp_model(tiny_model_dir)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    monkeypatch.setattr(tasks, "TASK_LOGITS_PER_POSITION", vocab)  # as if the vocabulary were huge
+    batches = []
+    model_call = HFLM._model_call
+
+    def counted(self: HFLM, inps: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        batches.append(inps.shape[0])
+        return model_call(self, inps, *args, **kwargs)
+
+    monkeypatch.setattr(HFLM, "_model_call", counted)
+    row = tasks.evaluate_tasks(model, tokenizer, EvalConfig(tasks=[str(TASK)]))
+    assert batches and set(batches) == {1}
+    assert row["tasks"]["tiny_facts"]["acc"] == expected(model, tokenizer, ITEMS)["acc"]

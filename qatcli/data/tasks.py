@@ -212,6 +212,17 @@ def _summary(entry: dict[str, Any], samples: Any, shots: Any) -> dict[str, Any] 
     return out
 
 
+# lm-eval scores a batch of requests from its full-vocabulary fp32 logits (and their log-softmax): at most this many
+# logits per token position, so a 262k vocabulary (gemma3-270m) scores 2 requests at a time, not 8 (1 GB, not 4 GB
+# per copy at 512 tokens), while 49k (smollm2) keeps 8
+TASK_LOGITS_PER_POSITION = 2**19
+
+
+def task_batch_size(asked: int, vocab: int) -> int:
+    """Requests per forward pass: ``asked``, fewer where the vocabulary would make the batch's logits too large."""
+    return max(1, min(asked, TASK_LOGITS_PER_POSITION // vocab))
+
+
 def evaluate_tasks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: EvalConfig) -> dict[str, Any]:
     """The fields a result row gets from ``cfg.tasks`` (none without tasks): ``tasks``, the metrics of each
     task asked for (a group's aggregate, a tag's tasks); ``subtasks``, those of the tasks inside a group;
@@ -224,7 +235,8 @@ def evaluate_tasks(model: nn.Module, tokenizer: PreTrainedTokenizerBase, cfg: Ev
     from lm_eval.models.huggingface import HFLM
 
     bos = add_bos_token(model)
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=cfg.batch_size, add_bos_token=bos)
+    batch = task_batch_size(cfg.batch_size, model.get_output_embeddings().weight.shape[0])
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch, add_bos_token=bos)
     try:
         loaded = plan.manager.load(list(plan.specs))
     except Exception as err:  # a dataset that cannot be read (offline hub, a bad data file)
