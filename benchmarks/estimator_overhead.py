@@ -88,7 +88,7 @@ def torchao_model(ref: ModelRef, names: set[str], spec: QuantSpec, device: torch
 
 def per_layer(estimator: Estimator, fakes: dict[str, FakeQuantLinear]) -> dict[str, LayerEstimator]:
     """The estimator's object for every layer, made once: swapping them in keeps each estimator's own state."""
-    return {name: estimator.for_layer(name, fake.grid) for name, fake in fakes.items()}
+    return {name: estimator.for_layer(name, fake.grid()) for name, fake in fakes.items()}
 
 
 def measure(args: argparse.Namespace, group_size: int, device: torch.device) -> list[str]:
