@@ -26,6 +26,7 @@ AUTO_BLOCK_EPOCHS = 2
 COMPARE_METHODS = ("rtn", "gptq", "awq", "qat")
 EXPORT_DTYPES = tuple(DENSE_DTYPES)
 AUTO = "auto"
+FUSED_MIN_WEIGHTS = 2**24
 
 # Data-free training text: 250 sequences of 512 tokens sampled from the full-precision model. Every fifth is
 # held out for evaluation, so training gets 200 x 512 = 102,400 tokens: 400 windows of 256 tokens, which the
@@ -227,11 +228,13 @@ class QATConfig:
             "What the end-to-end steps train: all (latent weights and scales) or scales (EfficientQAT's E2E-QP)"
         ),
     )
-    fused: bool = field(
-        default=True,
+    fused: bool | str = field(
+        default=AUTO,
         metadata=doc(
             "Run fake quantization's elementwise work as compiled kernels (torch.compile: one pass over each weight "
-            "instead of about ten); false, or where compiling fails, plain PyTorch"
+            "instead of about ten); false, or where compiling fails, plain PyTorch; auto: on where the quantized "
+            f"layers hold {FUSED_MIN_WEIGHTS:,} weights or more (compiling costs seconds a run, which only a real "
+            "model's steps pay back)"
         ),
     )
     variance_reduction: bool = field(default=False, metadata=doc("MARS-style corrected gradients inside AdamW"))
@@ -315,6 +318,10 @@ class QATConfig:
         default=0,
         metadata=doc("Evaluate on the evaluation data every N end-to-end steps, into metrics.jsonl (0: never)"),
     )
+
+    def fused_for(self, weights: int) -> bool:
+        """Whether fake quantization runs compiled kernels for quantized layers holding ``weights`` weights."""
+        return weights >= FUSED_MIN_WEIGHTS if self.fused == AUTO else bool(self.fused)
 
 
 @dataclass

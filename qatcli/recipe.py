@@ -236,6 +236,8 @@ def _value_problems(recipe: Recipe) -> list[str]:
     if e.format is not None:
         _one_of(problems, "export.format", e.format, EXPORT_FORMATS)
     _one_of(problems, "export.dtype", e.dtype, EXPORT_DTYPES)
+    if t.fused not in (True, False, AUTO):
+        problems.append(f"recipe: qat.fused must be auto, true or false, got {t.fused!r}")
     gar = recipe.gptq.act_group_aware
     if gar not in (True, False, AUTO):
         problems.append(f"recipe: gptq.act_group_aware must be auto, true or false, got {gar!r}")

@@ -83,6 +83,11 @@ def test_compiled_kernels_compute_what_plain_pytorch_does(
     assert not kernels.failed and len(kernels.compiled) == 2  # both passes ran compiled
 
 
+def test_auto_compiles_only_for_models_of_real_size() -> None:
+    assert [QATConfig().fused_for(n) for n in (2**24 - 1, 2**24)] == [False, True]
+    assert QATConfig(fused=False).fused_for(2**30) is False and QATConfig(fused=True).fused_for(1) is True
+
+
 def test_a_compiler_failure_falls_back_to_plain_pytorch_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -68,6 +68,7 @@ def test_flags_override_recipe_values(tmp_path: Path) -> None:
         ("quant:\n  bits: 5\n", "quant.bits must be one of 2, 3, 4, 8"),
         ("gptq:\n  act_order: true\n  act_group_aware: true\n", "two column orders: choose one"),
         ("quant:\n  sym: 1\n", "quant.sym must be true or false"),
+        ("qat:\n  fused: sometimes\n", "qat.fused must be auto, true or false, got 'sometimes'"),
         ("quant:\n  group_size: 0\n", "quant.group_size must be -1"),
         ("quant:\n  group_size: big\n", "quant.group_size must be -1 (per row), auto or positive, got 'big'"),
         ("quant:\n  include: conv\n", "quant.include must be a list of strings"),

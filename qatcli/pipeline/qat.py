@@ -63,7 +63,7 @@ from qatcli.qat.distributed import (
     unsharded_copy,
 )
 from qatcli.qat.estimators import make_estimator
-from qatcli.qat.fake_quant import convert_qat, prepare_qat
+from qatcli.qat.fake_quant import convert_qat, prepare_qat, quantized_weights
 from qatcli.qat.frozen import lower_frozen, restore_frozen
 from qatcli.qat.losses import model_ce_loss
 from qatcli.qat.trainer import METRICS_FILE, InterruptedAtStep, Trainer, has_state
@@ -272,7 +272,7 @@ def _end_to_end(
     workdir = run_dir(Path(str(recipe.output)))
     teacher = _teacher(recipe, base, device) if t.loss == "kd" else None
     estimator = make_estimator(t, recipe.seed)
-    fakes = prepare_qat(base.model, layers, estimator, t.fused)
+    fakes = prepare_qat(base.model, layers, estimator, t.fused_for(quantized_weights(layers)))
     if group is not None:
         group.broadcast(base.model)
     lowered = [] if t.frozen_dtype == "float32" else lower_frozen(base.model, getattr(torch, t.frozen_dtype))

@@ -33,7 +33,7 @@ from qatcli.errors import TrainingDiverged
 from qatcli.outputs import atomic_file, write_json_atomic
 from qatcli.qat.distributed import Distributed
 from qatcli.qat.estimators import Estimator, make_estimator
-from qatcli.qat.fake_quant import FakeQuantLinear, convert_qat, prepare_qat
+from qatcli.qat.fake_quant import FakeQuantLinear, convert_qat, prepare_qat, quantized_weights
 from qatcli.quant.layer import LayerQuant, apply_fake_quant
 from qatcli.quant.walk import HOME, BlockWalk, run_block
 from qatcli.report.progress import progress_bar
@@ -202,6 +202,7 @@ def train_blocks(
     walk = BlockWalk(model, share, batch_size, device, keep_fp=True, fp_weights=fp_weights)
     modules = dict(model.named_modules())
     layers = dict(layers)
+    fused = qat.fused_for(quantized_weights(layers))  # the whole model's size decides, as for the later steps
     latent: dict[str, torch.Tensor] = {}
     report = BlockReport({}, {})
     with progress_bar() as progress:
@@ -219,7 +220,7 @@ def train_blocks(
                 recorder = None
                 if qat.record_every:
                     fp = {n: (fp_weights or {}).get(n, modules[n].weight).detach().clone() for n in names}
-                fakes = prepare_qat(model, {n: layers[n] for n in names}, estimator, qat.fused)
+                fakes = prepare_qat(model, {n: layers[n] for n in names}, estimator, fused)
                 if qat.record_every:
                     recorder = _recorder(block, fakes, fp, walk, qat.block.loss)
                 report.start[index] = _everywhere(_mean_loss(block, walk, qat.block.loss), group)

@@ -132,6 +132,11 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent), child, new)
 
 
+def quantized_weights(layers: dict[str, LayerQuant]) -> int:
+    """How many weights the layers hold (out x in each)."""
+    return sum(lq.scales.shape[0] * lq.g_idx.numel() for lq in layers.values())
+
+
 def prepare_qat(
     model: nn.Module, layers: dict[str, LayerQuant], estimator: Estimator, fused: bool = True
 ) -> dict[str, FakeQuantLinear]:
