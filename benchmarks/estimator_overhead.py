@@ -7,9 +7,9 @@ quantizer with per-step min/max scales), is the `torchao` row (skipped with --no
 fp model and then each estimator in turn do their before-step work (jacobian's refresh of B every
 `update_every` steps), a forward and a backward pass (the estimators are swapped on the same fake-quantized
 layers), so all see identical work apart from what fake quantization and the estimator add. Each estimator runs
-with the compiled fake-quantization kernels (qatcli/qat/fused.py); `--plain` adds each in plain PyTorch too. The mean step time
-counts the periodic refreshes (a median would hide them); jacobian's one-time setup (caching the calibration
-Gram blocks, at its first refresh) runs in the warm-up and is reported apart. Appends the table to
+with the compiled fake-quantization kernels (qatcli/qat/fused.py); `--plain` adds each in plain PyTorch too. The
+mean step time counts the periodic refreshes (a median would hide them); jacobian's one-time setup (caching the
+calibration Gram blocks, at its first refresh) runs in the warm-up and is reported apart. Appends the table to
 docs/results.md (or --results).
 
     python benchmarks/estimator_overhead.py --model smollm2-135m --bits 2 --group-sizes 64 --steps 20
