@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from qatcli.qat.estimators import Estimator, LayerEstimator, LayerGrid
-from qatcli.qat.fused import fake_quantize, fake_quantize_backward, grouped_backward, grouped_forward
-from qatcli.quant.grid import default_g_idx, to_fp16_grid
+from qatcli.qat.fused import fake_quantize_backward, grouped_backward, grouped_forward
+from qatcli.quant.grid import default_g_idx, fake_quantize_dense, to_fp16_grid
 from qatcli.quant.layer import LayerQuant, make_layer_quant
 
 
@@ -45,7 +45,7 @@ class _FakeQuantize(torch.autograd.Function):
         if g_idx is None:
             s_g, z_g = s.unsqueeze(-1), z.unsqueeze(-1)
             return grouped_forward(w.reshape(*s.shape, -1), s_g, z_g, maxq, fused).reshape(w.shape)
-        return fake_quantize(w, s.index_select(1, g_idx), z.index_select(1, g_idx), maxq)
+        return fake_quantize_dense(w, s.index_select(1, g_idx), z.index_select(1, g_idx), maxq)
 
     @staticmethod
     def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

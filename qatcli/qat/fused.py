@@ -17,23 +17,18 @@ from typing import Any
 
 import torch
 
-from qatcli.quant.grid import round_to_grid
+from qatcli.qat.estimators import LayerEstimator
+from qatcli.quant.grid import fake_quantize_dense
 from qatcli.report.progress import stderr_console
 
 
-def fake_quantize(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> torch.Tensor:
-    """W_q = s (round_to_grid(w, s, z) - z), with s and z broadcast to w."""
-    # in place on round_to_grid's fresh result: each new weight-sized tensor costs page faults on the CPU
-    return round_to_grid(w, s, z, maxq).sub_(z).mul_(s)
-
-
 def fake_quantize_backward(
-    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, maxq: int, estimator: Any
+    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, maxq: int, estimator: LayerEstimator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dL/dw (the estimator's factor inside the clamp range, 0 outside) and dL/ds per element, both w's shape.
 
     v = w / s is recomputed here rather than kept from the forward, which would hold one more weight-sized tensor
-    per layer for the whole step. ``estimator`` is the layer's LayerEstimator.
+    per layer for the whole step.
     """
     v = w / s
     rounded = torch.round(v)
@@ -47,7 +42,7 @@ def fake_quantize_backward(
 
 
 def _grouped_backward(
-    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, maxq: int, estimator: Any
+    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, maxq: int, estimator: LayerEstimator
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """fake_quantize_backward on [out, G, gs] groups, with the scale gradient summed over each group: [out, G]."""
     grad_w, grad_s = fake_quantize_backward(w, s, z, grad, maxq, estimator)
@@ -82,12 +77,19 @@ _KERNELS = _Kernels()
 
 
 def grouped_forward(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int, fused: bool) -> torch.Tensor:
-    """fake_quantize on [out, G, gs] groups with [out, G, 1] scales and zeros, compiled where ``fused``."""
-    return _KERNELS.run(fake_quantize, w, s, z, maxq) if fused else fake_quantize(w, s, z, maxq)
+    """The grid's fake_quantize_dense on [out, G, gs] groups with [out, G, 1] scales and zeros, compiled where
+    ``fused``."""
+    return _KERNELS.run(fake_quantize_dense, w, s, z, maxq) if fused else fake_quantize_dense(w, s, z, maxq)
 
 
 def grouped_backward(
-    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, grad: torch.Tensor, maxq: int, estimator: Any, fused: bool
+    w: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    grad: torch.Tensor,
+    maxq: int,
+    estimator: LayerEstimator,
+    fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dL/dw ([out, G, gs]) and dL/ds ([out, G]) on contiguous groups, compiled where ``fused``."""
     args = (w, s, z, grad, maxq, estimator)

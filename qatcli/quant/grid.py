@@ -157,7 +157,8 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g
 
 def fake_quantize_dense(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> torch.Tensor:
     """s * (q - z) with s and z broadcast to w: the quantized value of each weight (float32)."""
-    return s * (round_to_grid(w, s, z, maxq) - z)
+    # in place on round_to_grid's fresh result: each new weight-sized tensor costs page faults on the CPU
+    return round_to_grid(w, s, z, maxq).sub_(z).mul_(s)
 
 
 def fake_quantize(
