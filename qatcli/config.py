@@ -331,7 +331,7 @@ class EvalConfig:
         default=None,
         metadata=doc(
             "Evaluation data: a text file, .jsonl, hf:NAME[:CONFIG][@SPLIT], wikitext2, sotu[:train|valid|test] "
-            "or generated:N[:LEN]"
+            "or generated:N[:LEN][:top_p=P]"
         ),
     )
     seqlen: int = field(default=512, metadata=doc("Tokens per evaluation window"))
