@@ -11,6 +11,7 @@ import yaml
 from torch import nn
 
 from qatcli.config import GPTQOptions, Recipe
+from qatcli.data.sources import parse_generated
 from qatcli.errors import QatcliError
 from qatcli.quant.targets import resolve_group_size
 from qatcli.recipe import default_value, field_help, load_recipe, parse_assignments, recipe_field
@@ -131,9 +132,11 @@ def test_measured_defaults() -> None:
     q = Recipe().qat
     assert (q.init, q.lr, q.scale_lr, q.save_every, q.steps) == ("fp", 2e-4, 1e-6, 25, 150)
     assert (q.block.lr, q.block.scale_lr, q.block.epochs_for(2), q.block.epochs_for(4)) == (1e-3, 1e-4, 2, 0)
-    # generated:N holds N sequences of 512 tokens, every fifth held out: the default run (steps x batch_size
+    # generated:N holds N sequences of LEN tokens, every fifth held out: the default run (steps x batch_size
     # windows of seqlen tokens) reads the training part at most twice, and the block stage's windows fit in it.
-    available = int(q.data.removeprefix("generated:")) * 4 // 5 * 512
+    spec = parse_generated(q.data)
+    assert spec is not None
+    available = spec.n * 4 // 5 * spec.length
     assert q.steps * q.batch_size * q.seqlen <= 2 * available
     assert q.block.nsamples * q.block.seqlen <= available
 
