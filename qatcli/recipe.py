@@ -28,7 +28,7 @@ from qatcli.config import (
     QAT_PARALLEL,
     QAT_TRAIN,
     TEACHER_DTYPES,
-    CompareConfig,
+    CompareMethod,
     Recipe,
 )
 from qatcli.errors import QatcliError
@@ -245,7 +245,7 @@ def _value_problems(recipe: Recipe) -> list[str]:
         problems.append("recipe: gptq.act_order and gptq.act_group_aware are two column orders: choose one")
     if not 0 <= recipe.gptq.damp < 10:
         problems.append(f"recipe: gptq.damp must be in [0, 10), got {recipe.gptq.damp}")
-    return problems + _compare_problems(recipe.compare)
+    return problems + _compare_problems(recipe)
 
 
 DYNAMIC_KEYS = ("bits", "group_size", "sym")
@@ -298,7 +298,26 @@ def as_list(value: Any) -> list[Any]:
     return value if isinstance(value, list) else [value]
 
 
-def _compare_problems(c: CompareConfig) -> list[str]:
+def _trains_nothing(recipe: Recipe, m: CompareMethod) -> list[int]:
+    """The bit widths at which a qat entry with steps 0 would have no block stage either."""
+    if m.method != "qat" or m.steps != 0:
+        return []
+    c = recipe.compare
+    bits = as_list(m.bits) if m.bits is not None else (c.bits or [recipe.quant.bits])
+    epochs = as_list(m.block_epochs) if m.block_epochs is not None else [recipe.qat.block.epochs]
+    block = recipe.qat.block
+    return sorted(
+        {
+            b
+            for b in bits
+            for e in epochs
+            if valid_block_epochs(e) and dataclasses.replace(block, epochs=e).epochs_for(b) == 0
+        }
+    )
+
+
+def _compare_problems(recipe: Recipe) -> list[str]:
+    c = recipe.compare
     problems: list[str] = []
     supported = ", ".join(map(str, SUPPORTED_BITS))
     for key in ("bits", "group_size"):
@@ -321,7 +340,13 @@ def _compare_problems(c: CompareConfig) -> list[str]:
             for key in ("estimator", "init", "steps", "block_epochs"):
                 if getattr(m, key) is not None:
                     problems.append(f"recipe: {where}.{key} applies to method qat only, not {m.method}")
-        _positive(problems, {f"{where}.steps": m.steps})
+        if m.steps is not None and m.steps < 0:
+            problems.append(f"recipe: {where}.steps must be 0 or more, got {m.steps}")
+        if idle := _trains_nothing(recipe, m):
+            problems.append(
+                f"recipe: {where} has steps 0 and no block stage at {', '.join(map(str, idle))} bits: "
+                "nothing would be trained"
+            )
         if m.dynamic is not None:
             problems += dynamic_problems(m.dynamic, f"{where}.dynamic")
         if m.dynamic_name is not None and (not m.dynamic or not re.fullmatch(r"[\w.-]+", m.dynamic_name)):

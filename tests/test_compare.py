@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from test_cli import assert_one_line_error
 
 from qatcli import cli
+from qatcli.errors import QatcliError
 from qatcli.pipeline.matrix import cell_recipe, expand
 from qatcli.qat.trainer import Trainer
 from qatcli.recipe import load_recipe
@@ -200,6 +201,25 @@ def test_cells_with_and_without_the_block_stage(tmp_path: Path) -> None:
     cells = expand(recipe)
     assert [c.name for c in cells] == ["qat-ste-fp-w2-g64-s30-b0", "qat-ste-fp-w2-g64-s30-b2"]
     assert [cell_recipe(recipe, c, tmp_path).qat.block.epochs for c in cells] == [0, 2]
+
+
+def test_block_only_cells_and_entries_that_would_train_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "r.yaml"
+    path.write_text("compare:\n  methods:\n    - {method: qat, bits: [3, 2], group_size: 64, steps: 0}\n")
+    recipe = load_recipe(path, {})
+    cells = expand(recipe)
+    assert [c.name for c in cells] == ["qat-ste-fp-w3-g64-s0", "qat-ste-fp-w2-g64-s0"]
+    assert [
+        (r.qat.steps, r.qat.block.epochs_for(r.quant.bits)) for r in (cell_recipe(recipe, c, tmp_path) for c in cells)
+    ] == [(0, 2), (0, 2)]
+    for entry, message in (
+        ("{method: qat, bits: [2, 4], steps: 0}", "no block stage at 4 bits"),  # auto epochs are 0 at 4 bits
+        ("{method: qat, bits: 2, steps: 0, block_epochs: [0, 2]}", "no block stage at 2 bits"),
+        ("{method: qat, bits: 2, steps: -1}", r"steps must be 0 or more"),
+    ):
+        path.write_text(f"compare:\n  methods:\n    - {entry}\n")
+        with pytest.raises(QatcliError, match=message):
+            load_recipe(path, {})
 
 
 def test_demo_recipe_cells() -> None:
