@@ -91,9 +91,13 @@ def test_nucleus_keeps_the_smallest_set_that_reaches_p() -> None:
 
 def test_nucleus_sampling_draws_only_from_the_nucleus(tiny_model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    grad_modes: list[bool] = []
+    model.register_forward_pre_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
     first = torch.arange(5, 20)
     seqs = sample_sequences(model, first, 3, 12, seed=0, device=torch.device("cpu"), top_p=0.5)
     assert seqs.shape == (3, 12)
+    # no autograd graph: with one, the key-value cache keeps every step's activations alive (GBs per sequence)
+    assert grad_modes and not any(grad_modes)
     with torch.no_grad():
         probs = torch.softmax(model(seqs).logits[:, :-1].float(), dim=-1)
     for b in range(3):

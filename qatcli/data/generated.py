@@ -34,7 +34,6 @@ def _cache_argument(step: Any) -> dict[str, Any]:
     return {"past_key_values": step["past_key_values"]}
 
 
-@torch.no_grad()
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """``probs`` [b, V] with every token outside the smallest set whose probabilities reach ``top_p`` zeroed
     (the most likely token is always kept), renormalised."""
@@ -47,6 +46,7 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
+@torch.no_grad()
 def sample_sequences(
     model: nn.Module,
     allowed_first: torch.Tensor,
