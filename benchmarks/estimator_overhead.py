@@ -38,7 +38,7 @@ from qatcli.qat.losses import model_ce_loss
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import check_group_size, find_targets
-from qatcli.runtime import resolve_device
+from qatcli.runtime import keep_freed_memory, resolve_device
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import REPO, TRAIN_DATA, machine, publish
@@ -171,6 +171,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = resolve_device(args.device)
+    keep_freed_memory()  # as `qatcli qat` does
     rows = [row for g in args.group_sizes for row in measure(args, g, device)]
     lines = [
         f"### Estimator step-time overhead ({datetime.now(timezone.utc).strftime('%Y-%m-%d')})",

@@ -72,7 +72,7 @@ from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import plan_quantization, spec_fields
 from qatcli.recipe import lowest_bits
 from qatcli.report.progress import stderr_console
-from qatcli.runtime import peak_memory_mib, resolve_device, seed_everything, start_peak_memory
+from qatcli.runtime import keep_freed_memory, peak_memory_mib, resolve_device, seed_everything, start_peak_memory
 
 INITS = ("fp", "rtn", "gptq")
 BEFORE_FILE = "before.json"
@@ -382,6 +382,7 @@ def _train(
     main = group is None or group.is_main
     seed_everything(recipe.seed, recipe.deterministic)
     start_peak_memory(device)
+    keep_freed_memory()
 
     t0 = time.perf_counter()
     # FSDP takes the student from the CPU, one unit at a time: no process holds it whole on its device
