@@ -49,8 +49,8 @@ def keep_freed_memory() -> None:
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
         libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)  # glibc's largest: bigger blocks are still mapped each time
-    except (OSError, AttributeError):  # not glibc (musl, say)
-        return
+    except (OSError, AttributeError):  # not glibc (musl, say): nothing to tune
+        pass
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
