@@ -94,7 +94,7 @@ class FakeQuantLinear(nn.Module):
 
     def grid(self) -> LayerGrid:
         """The layer's weight and grid, as an estimator reads them (made anew, not kept: see __init__)."""
-        return LayerGrid(self.weight, self.scales, self.zeros, self.g_idx, self.spec.maxq)
+        return LayerGrid(self.weight, self.scales, self.zeros, self.g_idx, self.spec.maxq, self.fused)
 
     def quantized_weight(self) -> torch.Tensor:
         s = self.scales + (to_fp16_grid(self.scales) - self.scales).detach()

@@ -13,13 +13,15 @@ compiling fails (no C++ compiler on a CPU-only machine, say), a one-line warning
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from qatcli.qat.estimators import LayerEstimator
 from qatcli.quant.grid import fake_quantize_dense
 from qatcli.report.progress import stderr_console
+
+if TYPE_CHECKING:  # the estimators import this module (jacobian's refresh runs compiled too)
+    from qatcli.qat.estimators import LayerEstimator
 
 
 def fake_quantize_backward(
@@ -76,10 +78,15 @@ class _Kernels:
 _KERNELS = _Kernels()
 
 
+def run_fused(fn: Callable[..., Any], fused: bool, *args: Any) -> Any:
+    """fn(*args), as a compiled kernel where ``fused`` (and compiling works), else plain PyTorch."""
+    return _KERNELS.run(fn, *args) if fused else fn(*args)
+
+
 def grouped_forward(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int, fused: bool) -> torch.Tensor:
     """The grid's fake_quantize_dense on [out, G, gs] groups with [out, G, 1] scales and zeros, compiled where
     ``fused``."""
-    return _KERNELS.run(fake_quantize_dense, w, s, z, maxq) if fused else fake_quantize_dense(w, s, z, maxq)
+    return run_fused(fake_quantize_dense, fused, w, s, z, maxq)
 
 
 def grouped_backward(
@@ -92,5 +99,4 @@ def grouped_backward(
     fused: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """dL/dw ([out, G, gs]) and dL/ds ([out, G]) on contiguous groups, compiled where ``fused``."""
-    args = (w, s, z, grad, maxq, estimator)
-    return _KERNELS.run(_grouped_backward, *args) if fused else _grouped_backward(*args)
+    return run_fused(_grouped_backward, fused, w, s, z, grad, maxq, estimator)

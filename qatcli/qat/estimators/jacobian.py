@@ -20,7 +20,7 @@ calibration pass and the run's state.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import math
 from typing import Any
 
 import torch
@@ -28,15 +28,21 @@ import torch
 from qatcli.config import JacobianConfig, QATConfig
 from qatcli.errors import QatcliError
 from qatcli.qat.estimators.base import Calibrate, Estimator, LayerEstimator, LayerGrid, register
-from qatcli.quant.grid import fake_quantize_dense, to_fp16_grid
+from qatcli.qat.fused import run_fused
+from qatcli.quant.grid import round_to_grid, to_fp16_grid
 
-Quantizer = Callable[[torch.Tensor], torch.Tensor]
 
+def dither_slope(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int, width: float) -> torch.Tensor:
+    """d/dw E_u[Q(w + u)] for u ~ U(-width s/2, width s/2), elementwise (s and z broadcast to w).
 
-def dither_slope(quantizer: Quantizer, w: torch.Tensor, s: torch.Tensor, width: float) -> torch.Tensor:
-    """d/dw E_u[Q(w + u)] for u ~ U(-width s/2, width s/2), elementwise (s broadcast to w)."""
+    Q(w) = s (q(w) - z), so (Q(w + half) - Q(w - half)) / (width s) is the change of the integer level over width.
+    """
     half = width * s / 2
-    return (quantizer(w + half) - quantizer(w - half)) / (width * s)
+    return (round_to_grid(w + half, s, z, maxq) - round_to_grid(w - half, s, z, maxq)) / width
+
+
+def _dither_group_slope(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int, width: float) -> torch.Tensor:
+    return dither_slope(w, s, z, maxq, width).mean(-1)
 
 
 def group_order(g_idx: torch.Tensor) -> torch.Tensor:
@@ -44,41 +50,61 @@ def group_order(g_idx: torch.Tensor) -> torch.Tensor:
     return torch.argsort(g_idx.long(), stable=True)
 
 
-def group_mean(x: torch.Tensor, g_idx: torch.Tensor, groups: int) -> torch.Tensor:
-    """Mean of x ([out, in]) over the columns of each group: [out, groups]."""
-    total = torch.zeros(x.shape[0], groups, device=x.device, dtype=x.dtype)
-    total.index_add_(1, g_idx.long(), x)
-    return total / (x.shape[1] // groups)
+SIGN_BITS = 31  # random bits in one draw of the generator (int32, non-negative)
+
+
+def random_signs(shape: tuple[int, ...], generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """Independent +1 / -1 with equal odds: float32 of ``shape``.
+
+    Each draw of the generator gives SIGN_BITS signs: one draw per sign was most of a refresh's time on the CPU.
+    """
+    total = math.prod(shape)
+    draws = torch.randint(0, 2**SIGN_BITS, (-(-total // SIGN_BITS), 1), generator=generator, device=device)
+    shifts = torch.arange(SIGN_BITS, device=device)
+    bits = (draws.int() >> shifts.int()) & 1
+    return bits.reshape(-1)[:total].reshape(shape).float().mul_(2).sub_(1)
+
+
+def _probe_terms(
+    w: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    maxq: int,
+    eps: float,
+    signs: torch.Tensor,
+    h_signs: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One probe's numerator and denominator sums of probe_slope, per (row, group), in units of s."""
+    change = round_to_grid(w + eps * s * signs, s, z, maxq) - round_to_grid(w, s, z, maxq)
+    return (change * h_signs).sum(-1), eps * (signs * h_signs).sum(-1)
 
 
 def probe_slope(
-    quantizer: Quantizer,
     w: torch.Tensor,
     s: torch.Tensor,
+    z: torch.Tensor,
+    maxq: int,
     gram: torch.Tensor,
-    order: torch.Tensor,
     eps: float,
     probes: int,
     generator: torch.Generator,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Least-squares slope of the output change against its linearization, per (row, group): [out, G].
 
-    ``gram`` is [G, gs, gs], the Gram X^T X of each group's input columns (columns in ``order``). Groups whose
-    inputs are all zero have no slope to measure and get 1.
+    w is [out, G, gs] (each group's columns together), s and z [out, G, 1]; ``gram`` is [G, gs, gs], the Gram
+    X^T X of each group's input columns. A probe d moves w by eps s d. Since Q(w) = s (q(w) - z), the output
+    changes by s (q(w + eps s d) - q(w)) X against the linear eps s d X, and s, constant over a group, cancels
+    from the slope. Groups whose inputs are all zero get 1.
     """
-    out_features = w.shape[0]
-    groups, size = gram.shape[0], gram.shape[1]
-    base = quantizer(w)
-    num = torch.zeros(out_features, groups, device=w.device)
-    den = torch.zeros(out_features, groups, device=w.device)
+    num = torch.zeros(w.shape[:2], device=w.device)
+    den = torch.zeros(w.shape[:2], device=w.device)
     for _ in range(probes):
-        signs = torch.randint(0, 2, w.shape, generator=generator, device=w.device).float() * 2 - 1
-        step = eps * s * signs
-        change = (quantizer(w + step) - base)[:, order].reshape(out_features, groups, size)
-        linear = step[:, order].reshape(out_features, groups, size)
-        h_linear = torch.einsum("gij,ogj->ogi", gram, linear)
-        num += (change * h_linear).sum(-1)
-        den += (linear * h_linear).sum(-1)
+        signs = random_signs(tuple(w.shape), generator, w.device)
+        h_signs = torch.einsum("gij,ogj->ogi", gram, signs)
+        n, d = run_fused(_probe_terms, fused, w, s, z, maxq, eps, signs, h_signs)
+        num += n
+        den += d
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.ones_like(den))
 
 
@@ -104,12 +130,20 @@ class JacobianLayer(LayerEstimator):
     def __init__(self, grid: LayerGrid, start: float) -> None:
         self.grid = grid
         self.b = torch.full(grid.scales.shape, start, dtype=torch.float32, device=grid.scales.device)
-        self.order = group_order(grid.g_idx)
+        order = group_order(grid.g_idx)
+        # contiguous groups (no act-order) need no gather: a reshape puts each group's columns together
+        self.order = None if torch.equal(order, torch.arange(order.numel(), device=order.device)) else order
         self.gram: torch.Tensor | None = None
         self.capturing = False
 
     def grad_factor(self, v: torch.Tensor) -> torch.Tensor:
         return self.b.unsqueeze(-1) if v.dim() == 3 else self.b.index_select(1, self.grid.g_idx)
+
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """x ([..., in]) with each group's columns together: [..., G, gs]."""
+        if self.order is not None:
+            x = x[..., self.order]
+        return x.reshape(*x.shape[:-1], self.b.shape[1], -1)
 
     def start_capture(self) -> None:
         groups, columns = self.b.shape[1], self.grid.g_idx.numel()
@@ -120,30 +154,25 @@ class JacobianLayer(LayerEstimator):
     def observe(self, x: torch.Tensor) -> None:
         if not self.capturing or self.gram is None:
             return
-        x = x.detach().reshape(-1, x.shape[-1]).float()[:, self.order]
-        x = x.reshape(x.shape[0], self.gram.shape[0], -1)
+        x = self.grouped(x.detach().reshape(-1, x.shape[-1]).float())
         self.gram += torch.einsum("ngi,ngj->gij", x, x)
 
     @torch.no_grad()
     def estimate(self, c: JacobianConfig, dither: bool, probe: bool, probe_seed: int) -> torch.Tensor:
         """This refresh's clipped blend of Dither and Probe: [out, G]."""
         g = self.grid
-        w = g.weight.detach().float()
-        s = to_fp16_grid(g.scales.detach()).index_select(1, g.g_idx)
-        z = g.zeros.index_select(1, g.g_idx)
-
-        def quantizer(x: torch.Tensor) -> torch.Tensor:
-            return fake_quantize_dense(x, s, z, g.maxq)
-
+        w = self.grouped(g.weight.detach().float())
+        s = to_fp16_grid(g.scales.detach()).unsqueeze(-1)
+        z = g.zeros.unsqueeze(-1)
         new = torch.zeros_like(self.b)
         if dither:
-            new += c.blend * group_mean(dither_slope(quantizer, w, s, c.dither_width), g.g_idx, self.b.shape[1])
+            new += c.blend * run_fused(_dither_group_slope, g.fused, w, s, z, g.maxq, c.dither_width)
         if probe:
             if self.gram is None:
                 raise RuntimeError("jacobian: Probe needs the calibration Gram, collected at the first refresh")
             generator = torch.Generator(device=w.device)
             generator.manual_seed(probe_seed)
-            slope = probe_slope(quantizer, w, s, self.gram, self.order, c.probe_step, c.probes, generator)
+            slope = probe_slope(w, s, z, g.maxq, self.gram, c.probe_step, c.probes, generator, g.fused)
             new += (1 - c.blend) * slope
         return new.clamp(c.clip_min, c.clip_max)
 
