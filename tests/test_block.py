@@ -30,6 +30,7 @@ def _stage(
     bits: int = 2,
     start: str = "fp",
     record_every: int = 0,
+    lr: float = 1e-3,
 ):
     """The block stage on an RTN grid; ``start`` rtn: the latent weights start on the grid points (fp ones given)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -40,7 +41,7 @@ def _stage(
     if start != "fp":
         fp_weights = apply_fake_quant(model, layers)
     qat = QATConfig(estimator=estimator, record_every=record_every)
-    qat.block.nsamples, qat.block.seqlen, qat.block.batch_size, qat.block.lr = 16, 64, 4, 1e-3
+    qat.block.nsamples, qat.block.seqlen, qat.block.batch_size, qat.block.lr = 16, 64, 4, lr
     windows = calibration_windows(tokens, qat.block.nsamples, qat.block.seqlen, 0)
     workdir.mkdir(exist_ok=True)
     layers, report = train_blocks(model, layers, windows, qat, 3, 0, CPU, workdir, fp_weights)
@@ -81,6 +82,26 @@ def test_block_stage_lowers_every_blocks_loss_below_its_rtn_start(
     for index in report.start:
         assert report.end[index] < report.start[index], (index, report.start[index], report.end[index])
     assert all(lq.scales.dtype == torch.float16 and bool((lq.scales > 0).all()) for lq in layers.values())
+
+
+def test_a_block_that_training_makes_worse_keeps_its_start(tiny_model_dir: Path, sotu: Path, tmp_path: Path) -> None:
+    model, layers, report = _stage(tiny_model_dir, sotu / "valid.txt", tmp_path / "run", lr=0.5)
+    assert report.kept_start, report  # a learning rate this large undoes what rounding got right
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    start_layers = quantize_rtn(find_targets(fresh, [], []), QuantSpec(2, 32), "minmax")
+    prefix = "model.layers.{}."
+    for index in report.start:
+        assert report.end[index] <= report.start[index]
+    for index in report.kept_start:
+        assert report.end[index] == pytest.approx(report.start[index], rel=1e-6)
+        for name, lq in layers.items():
+            if name.startswith(prefix.format(index)):
+                assert torch.equal(lq.scales, start_layers[name].scales.half()), name
+                assert torch.equal(model.get_submodule(name).weight, fresh.get_submodule(name).weight), name
+                saved = torch.load(block_state_file(tmp_path / "run", index), weights_only=True)[name]
+                assert torch.equal(saved["scales"], lq.scales) and torch.equal(
+                    saved["weight"], model.get_submodule(name).weight
+                )
 
 
 def test_block_stage_resumed_after_a_block_equals_an_uninterrupted_one(

@@ -186,6 +186,11 @@ def _init_checkpoint_base(
     return Base(base_model_ref(init, meta), model, tokenizer, targets, plan.default, specs, plan.dynamic, untied)
 
 
+def _block_loss(report: BlockReport) -> dict[str, Any]:
+    """The block stage's losses as the checkpoint records them (kept_start: blocks left at their start)."""
+    return {"start": report.start, "end": report.end, "kept_start": sorted(report.kept_start)}
+
+
 def _block_stage(
     recipe: Recipe,
     base: Base,
@@ -434,7 +439,7 @@ def _train(
         "block_seconds_this_invocation": round(block_seconds, 3),
         "train_seconds_this_invocation": round(time.perf_counter() - t0, 3),
         "block_epochs": epochs,
-        "block_loss": None if block_report is None else {"start": block_report.start, "end": block_report.end},
+        "block_loss": None if block_report is None else _block_loss(block_report),
         "steps": t.steps,
         "final_loss": records[-1]["loss"] if records else None,
         "mean_step_seconds": sum(r["step_seconds"] for r in records) / len(records) if records else None,

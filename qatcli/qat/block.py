@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,10 +44,12 @@ BLOCK_METRICS_FILE = "block_metrics.jsonl"  # the records of every block, in a f
 
 @dataclass
 class BlockReport:
-    """The loss of each block on its calibration windows before and after its training."""
+    """The loss of each block on its calibration windows before and after its training, and the blocks whose
+    training made them worse, which keep their start."""
 
-    start: dict[int, float]
-    end: dict[int, float]
+    start: dict[int, float] = field(default_factory=dict)
+    end: dict[int, float] = field(default_factory=dict)
+    kept_start: set[int] = field(default_factory=set)
 
 
 def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
@@ -204,7 +206,7 @@ def train_blocks(
     layers = dict(layers)
     fused = qat.fused_for(quantized_weights(layers))  # the whole model's size decides, as for the later steps
     latent: dict[str, torch.Tensor] = {}
-    report = BlockReport({}, {})
+    report = BlockReport()
     with progress_bar() as progress:
         task = progress.add_task("block qat", total=len(walk.blocks), unit="block")
         for index, prefix, block in walk:
@@ -216,6 +218,7 @@ def train_blocks(
                         modules[name].weight.copy_(saved["weight"])
                         layers[name] = replace(layers[name], scales=saved["scales"])
             elif names:
+                start = {n: (modules[n].weight.detach().clone(), layers[n].scales.clone()) for n in names}
                 estimator = make_estimator(qat, seed + index)
                 recorder = None
                 if qat.record_every:
@@ -230,22 +233,31 @@ def train_blocks(
                 except TrainingDiverged as err:
                     raise TrainingDiverged(f"block {index + 1} of {len(walk.blocks)}, {err}") from None
                 layers.update(convert_qat(model, fakes))
-                trained = {
-                    n: {"weight": modules[n].weight.detach().cpu().clone(), "scales": layers[n].scales} for n in names
-                }
+                modules = dict(model.named_modules())
                 if save and recorder is not None:
                     write_json_atomic(
                         block_state_file(workdir, index, ".records.json"), [{"block": index, **r} for r in records]
                     )
-                if save:
-                    with atomic_file(block_state_file(workdir, index)) as tmp:
-                        torch.save(trained, tmp)
-                modules = dict(model.named_modules())
             # what the next block sees; the latent weights wait on the CPU, as the blocks do
             latent.update({n: w.to(HOME) for n, w in apply_fake_quant(model, {n: layers[n] for n in names}).items()})
             if index in report.start:  # on the outputs the next block receives, computed once for both
                 report.end[index] = _everywhere(_losses(walk.outputs(), walk.fp_outputs, qat.block.loss), group)
+                if report.end[index] > report.start[index]:  # training made the block worse: it keeps its start
+                    with torch.no_grad():
+                        for n in names:
+                            modules[n].weight.copy_(start[n][0])
+                            layers[n] = replace(layers[n], scales=start[n][1])
+                    latent.update(
+                        {n: w.to(HOME) for n, w in apply_fake_quant(model, {n: layers[n] for n in names}).items()}
+                    )
+                    walk.forget_outputs()
+                    report.kept_start.add(index)
+                    report.end[index] = _everywhere(_losses(walk.outputs(), walk.fp_outputs, qat.block.loss), group)
+                if save:
+                    with atomic_file(block_state_file(workdir, index)) as tmp:
+                        torch.save({n: {"weight": latent[n], "scales": layers[n].scales} for n in names}, tmp)
             loss = f": loss {report.start[index]:.4g} -> {report.end[index]:.4g}" if index in report.end else ""
+            loss += " (kept its start)" if index in report.kept_start else ""
             progress.update(task, advance=1, description=f"block {index + 1}/{len(walk.blocks)}{loss}")
     with torch.no_grad():
         for name, weight in latent.items():

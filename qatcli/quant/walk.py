@@ -157,6 +157,10 @@ class BlockWalk:
                 self._outputs.append(out[0] if self._tuples else out)
         return self._outputs
 
+    def forget_outputs(self) -> None:
+        """Drop the current block's outputs, so that ``outputs()`` computes them anew (its weights changed)."""
+        self._outputs = None
+
     @torch.no_grad()
     def run_past_blocks(self) -> None:
         """Run the model over the windows once more, each block replaying the walk's outputs, so that hooks on
