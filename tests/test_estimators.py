@@ -67,10 +67,10 @@ def test_contiguous_groups_take_the_same_gradients_as_the_per_column_path() -> N
 def test_compiled_kernels_compute_what_plain_pytorch_does(
     estimator: Estimator, sym: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from qatcli.qat import fused
+    from qatcli.qat import compiled
 
-    kernels = fused._Kernels()  # a fallback an earlier test caused (stand-in devices defeat dynamo) sticks
-    monkeypatch.setattr(fused, "_KERNELS", kernels)
+    kernels = compiled._Kernels()  # a fallback an earlier test caused (stand-in devices defeat dynamo) sticks
+    monkeypatch.setattr(compiled, "_KERNELS", kernels)
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(6))
     layer = fake_linear(estimator, QuantSpec(2, 16, sym))
     assert layer.fused
@@ -91,7 +91,7 @@ def test_auto_compiles_only_for_models_of_real_size() -> None:
 def test_a_compiler_failure_falls_back_to_plain_pytorch_with_one_warning(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from qatcli.qat import fused
+    from qatcli.qat import compiled
 
     def no_compiler(fn, **kwargs):
         def fail(*args):
@@ -99,8 +99,8 @@ def test_a_compiler_failure_falls_back_to_plain_pytorch_with_one_warning(
 
         return fail
 
-    kernels = fused._Kernels()
-    monkeypatch.setattr(fused, "_KERNELS", kernels)
+    kernels = compiled._Kernels()
+    monkeypatch.setattr(compiled, "_KERNELS", kernels)
     monkeypatch.setattr(torch, "compile", no_compiler)
     x = torch.randn(8, 64, generator=torch.Generator().manual_seed(6))
     layer = fake_linear(STE(), QuantSpec(3, 16))

@@ -210,14 +210,14 @@ def test_act_order_groups_get_the_estimate_of_the_same_groups_kept_together() ->
 
 
 def test_the_compiled_refresh_computes_what_plain_pytorch_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    from qatcli.qat import fused
+    from qatcli.qat import compiled
 
-    kernels = fused._Kernels()  # a fallback an earlier test caused (stand-in devices defeat dynamo) sticks
-    monkeypatch.setattr(fused, "_KERNELS", kernels)
+    kernels = compiled._Kernels()  # a fallback an earlier test caused (stand-in devices defeat dynamo) sticks
+    monkeypatch.setattr(compiled, "_KERNELS", kernels)
     b = {}
-    for compiled in (True, False):
-        _, est, _ = jacobian_layer(QuantSpec(2, 16), fused=compiled, update_every=1, clip_min=0.0, clip_max=10.0)
+    for fused in (True, False):
+        _, est, _ = jacobian_layer(QuantSpec(2, 16), fused=fused, update_every=1, clip_min=0.0, clip_max=10.0)
         est.before_step(0)
-        b[compiled] = est.layers["layer"].b
+        b[fused] = est.layers["layer"].b
     assert {"_dither_group_slope", "_probe_terms"} <= set(kernels.compiled) and not kernels.failed
     torch.testing.assert_close(b[True], b[False])

@@ -12,16 +12,11 @@ compiling fails (no C++ compiler on a CPU-only machine, say), a one-line warning
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
 import torch
 
+from qatcli.qat.compiled import run_fused
+from qatcli.qat.estimators import LayerEstimator
 from qatcli.quant.grid import fake_quantize_dense
-from qatcli.report.progress import stderr_console
-
-if TYPE_CHECKING:  # the estimators import this module (jacobian's refresh runs compiled too)
-    from qatcli.qat.estimators import LayerEstimator
 
 
 def fake_quantize_backward(
@@ -49,38 +44,6 @@ def _grouped_backward(
     """fake_quantize_backward on [out, G, gs] groups, with the scale gradient summed over each group: [out, G]."""
     grad_w, grad_s = fake_quantize_backward(w, s, z, grad, maxq, estimator)
     return grad_w, grad_s.sum(-1)
-
-
-class _Kernels:
-    """The compiled kernels, made on first use (importing the compiler costs seconds); eager after a failure."""
-
-    def __init__(self) -> None:
-        self.compiled: dict[str, Callable[..., Any]] = {}
-        self.failed = False
-
-    def run(self, fn: Callable[..., Any], *args: Any) -> Any:
-        if self.failed:
-            return fn(*args)
-        if fn.__name__ not in self.compiled:
-            self.compiled[fn.__name__] = torch.compile(fn, dynamic=True)
-        try:
-            return self.compiled[fn.__name__](*args)
-        except Exception as err:  # any compiler failure: the same math runs eagerly below
-            self.failed = True
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            stderr_console.print(
-                f"[yellow]warning: fused fake-quantization kernels unavailable ({reason[:160]}); "
-                "running plain PyTorch (set qat.fused to false to skip the attempt)"
-            )
-            return fn(*args)
-
-
-_KERNELS = _Kernels()
-
-
-def run_fused(fn: Callable[..., Any], fused: bool, *args: Any) -> Any:
-    """fn(*args), as a compiled kernel where ``fused`` (and compiling works), else plain PyTorch."""
-    return _KERNELS.run(fn, *args) if fused else fn(*args)
 
 
 def grouped_forward(w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int, fused: bool) -> torch.Tensor:

@@ -38,7 +38,7 @@ class LayerGrid:
     zeros: torch.Tensor  # zero points [out, G]
     g_idx: torch.Tensor  # group of each input column [in] (long)
     maxq: int
-    fused: bool = False  # the layer runs compiled kernels (qatcli/qat/fused.py); an estimator's own work may too
+    fused: bool = False  # the layer runs compiled kernels (qatcli/qat/compiled.py); an estimator's own work may too
 
 
 class LayerEstimator(ABC):

@@ -27,8 +27,8 @@ import torch
 
 from qatcli.config import JacobianConfig, QATConfig
 from qatcli.errors import QatcliError
+from qatcli.qat.compiled import run_fused
 from qatcli.qat.estimators.base import Calibrate, Estimator, LayerEstimator, LayerGrid, register
-from qatcli.qat.fused import run_fused
 from qatcli.quant.grid import round_to_grid, to_fp16_grid
 
 
