@@ -238,21 +238,28 @@ def train_blocks(
                     write_json_atomic(
                         block_state_file(workdir, index, ".records.json"), [{"block": index, **r} for r in records]
                     )
-            # what the next block sees; the latent weights wait on the CPU, as the blocks do
-            latent.update({n: w.to(HOME) for n, w in apply_fake_quant(model, {n: layers[n] for n in names}).items()})
-            if index in report.start:  # on the outputs the next block receives, computed once for both
-                report.end[index] = _everywhere(_losses(walk.outputs(), walk.fp_outputs, qat.block.loss), group)
+
+            def quantize_block(names: list[str] = names) -> None:
+                """Quantize the block for what the next block sees; the latent weights wait on the CPU."""
+                latent.update(
+                    {n: w.to(HOME) for n, w in apply_fake_quant(model, {n: layers[n] for n in names}).items()}
+                )
+
+            def end_loss() -> float:  # on the outputs the next block receives
+                return _everywhere(_losses(walk.outputs(), walk.fp_outputs, qat.block.loss), group)
+
+            quantize_block()
+            if index in report.start:
+                report.end[index] = end_loss()
                 if report.end[index] > report.start[index]:  # training made the block worse: it keeps its start
                     with torch.no_grad():
                         for n in names:
                             modules[n].weight.copy_(start[n][0])
                             layers[n] = replace(layers[n], scales=start[n][1])
-                    latent.update(
-                        {n: w.to(HOME) for n, w in apply_fake_quant(model, {n: layers[n] for n in names}).items()}
-                    )
+                    quantize_block()
                     walk.forget_outputs()
                     report.kept_start.add(index)
-                    report.end[index] = _everywhere(_losses(walk.outputs(), walk.fp_outputs, qat.block.loss), group)
+                    report.end[index] = end_loss()
                 if save:
                     with atomic_file(block_state_file(workdir, index)) as tmp:
                         torch.save({n: {"weight": latent[n], "scales": layers[n].scales} for n in names}, tmp)
