@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,12 @@ from qatcli.quant.gptq_model import quantize_gptq
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import find_targets
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Parallel workers share the cores: one thread each, for the tests and for the processes they start
+    # (threads beyond the cores make every worker wait on the others' spinning threads).
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 # Short CC0 cuts of State of the Union addresses (tests/data/README.md): train.txt, valid.txt, test.txt.
 SOTU = Path(__file__).resolve().parent / "data" / "sotu"
@@ -44,6 +51,16 @@ def tiny_llama_config(vocab_size: int = 512) -> LlamaConfig:
         max_position_embeddings=256,
         tie_word_embeddings=False,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Each test worker its own $QATCLI_CACHE: tests neither read nor fill the user's cache, and parallel
+    workers never write the same cache folder at once."""
+    with pytest.MonkeyPatch.context() as patch:
+        cache = tmp_path_factory.mktemp("qatcli-cache")
+        patch.setenv("QATCLI_CACHE", str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="session")
