@@ -17,7 +17,7 @@ from qatcli.formats.gptq_format import DENSE_DTYPES, FORMATS
 PTQ_METHODS = ("rtn", "gptq", "awq")
 EXPORT_FORMATS = (*FORMATS, CT_FORMAT)
 QAT_LOSSES = ("kd", "ce")
-BLOCK_LOSSES = ("mse", "token_mse")
+BLOCK_LOSSES = ("mse", "token_mse", "channel_mse")
 QAT_TRAIN = ("all", "scales")
 QAT_PARALLEL = ("fsdp", "ddp")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
@@ -204,8 +204,9 @@ class BlockConfig:
     loss: str = field(
         default="mse",
         metadata=doc(
-            "Distance to the full-precision block's output: mse, or token_mse (each token's squared error over "
-            "its own squared norm, so a few massive activations do not decide it)"
+            "Distance to the full-precision block's output: mse; token_mse (each token's squared error over "
+            "its own squared norm); channel_mse (each channel's squared error over its mean square in the "
+            "full-precision output, so a few channels of massive activations do not decide it)"
         ),
     )
 

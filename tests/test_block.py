@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qatcli.config import QATConfig
 from qatcli.data.sources import calibration_windows
-from qatcli.qat.block import block_records, block_state_file, train_blocks
+from qatcli.qat.block import block_loss, block_records, block_state_file, train_blocks
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import apply_fake_quant
 from qatcli.quant.rtn import quantize_rtn
@@ -31,6 +31,7 @@ def _stage(
     start: str = "fp",
     record_every: int = 0,
     lr: float = 1e-3,
+    loss: str = "mse",
 ):
     """The block stage on an RTN grid; ``start`` rtn: the latent weights start on the grid points (fp ones given)."""
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -41,6 +42,7 @@ def _stage(
     if start != "fp":
         fp_weights = apply_fake_quant(model, layers)
     qat = QATConfig(estimator=estimator, record_every=record_every)
+    qat.block.loss = loss
     qat.block.nsamples, qat.block.seqlen, qat.block.batch_size, qat.block.lr = 16, 64, 4, lr
     windows = calibration_windows(tokens, qat.block.nsamples, qat.block.seqlen, 0)
     workdir.mkdir(exist_ok=True)
@@ -82,6 +84,26 @@ def test_block_stage_lowers_every_blocks_loss_below_its_rtn_start(
     for index in report.start:
         assert report.end[index] < report.start[index], (index, report.start[index], report.end[index])
     assert all(lq.scales.dtype == torch.float16 and bool((lq.scales > 0).all()) for lq in layers.values())
+
+
+def test_channel_mse_weighs_a_channel_of_massive_activations_as_any_other() -> None:
+    gen = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 8, 16, generator=gen)
+    out = target + 0.1 * torch.randn(2, 8, 16, generator=gen)
+    massive = torch.ones(16)
+    massive[3] = 1e3  # one channel a thousand times larger, in the output and its target alike
+    plain, scaled = block_loss(out, target, "channel_mse"), block_loss(out * massive, target * massive, "channel_mse")
+    assert scaled.item() == pytest.approx(plain.item(), rel=1e-5)
+    assert block_loss(out * massive, target * massive, "mse") > 1e3 * block_loss(out, target, "mse")
+    assert block_loss(target, target, "channel_mse").item() == 0.0
+
+
+@pytest.mark.parametrize("loss", ["token_mse", "channel_mse"])
+def test_block_stage_lowers_every_blocks_loss_with_the_other_losses(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path, loss: str
+) -> None:
+    _, _, report = _stage(tiny_model_dir, sotu / "valid.txt", tmp_path / "run", loss=loss)
+    assert all(report.end[index] < report.start[index] for index in report.start), report
 
 
 def test_a_block_that_training_makes_worse_keeps_its_start(tiny_model_dir: Path, sotu: Path, tmp_path: Path) -> None:

@@ -53,9 +53,13 @@ class BlockReport:
 
 
 def block_loss(out: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """``mse`` over every element, or ``token_mse``: each token's squared error over its own squared norm."""
+    """``mse`` over every element; ``token_mse``: each token's squared error over its own squared norm;
+    ``channel_mse``: each channel's squared error over that channel's mean square in ``target``."""
     if kind == "mse":
         return torch.nn.functional.mse_loss(out, target)
+    if kind == "channel_mse":
+        power = target.pow(2).flatten(0, -2).mean(0).clamp_min(1e-6)
+        return ((out - target).pow(2) / power).mean()
     err = (out - target).pow(2).sum(-1)
     return (err / target.pow(2).sum(-1).clamp_min(1e-6)).mean()
 
