@@ -152,7 +152,8 @@ def gemma3_state_dict(reader: Any) -> dict[str, torch.Tensor]:
             array = dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as err:
             raise QatcliError(f"GGUF file: cannot dequantize {tensor.name} ({tensor.tensor_type.name})") from err
-        weight = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        # a copy: float32 tensors come back as read-only views of the memory-mapped file, which torch warns of
+        weight = torch.from_numpy(np.array(array, dtype=np.float32, order="C"))
         if tensor.name.endswith("norm.weight"):
             weight = weight - 1.0  # llama.cpp stores Gemma's RMSNorm weight w as w + 1
         state[name] = weight
