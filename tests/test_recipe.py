@@ -43,6 +43,7 @@ SET_ON_PURPOSE = {
     "demo.yaml:qat.block.nsamples": "32 block-stage windows keep the demo's qat cell short (128 is the default)",
     "*-gpu.yaml:device": "a GPU recipe: sized for one, it would take days on a CPU",
     "demo.yaml:quant.clip": "min/max, the grid the demo's published numbers were measured with",
+    "compare-gemma3-270m.yaml:qat.block.loss": "channel_mse: Gemma's few massive channels decide a plain mse",
     "qat-w2-1b-gpu.yaml:qat.block.*": "the block stage scaled for a 1B model on a GPU: more and longer windows",
     "qat-w2-1b-gpu.yaml:qat.*": "end-to-end distillation scaled for a 1B model on a GPU: longer windows, more steps",
 }
