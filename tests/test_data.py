@@ -89,6 +89,17 @@ def test_nucleus_keeps_the_smallest_set_that_reaches_p() -> None:
     assert torch.equal(nucleus(probs, 1.0), probs)
 
 
+def test_windows_with_bos_start_with_it_and_cut_the_text_without_gaps() -> None:
+    tokens = torch.arange(10, 60)
+    assert torch.equal(eval_windows(tokens, 8), tokens[:48].reshape(6, 8))  # without BOS: GPTQ's plain cut
+    windows = eval_windows(tokens, 8, bos=1)
+    assert windows.shape == (7, 8) and torch.all(windows[:, 0] == 1)
+    assert torch.equal(windows[:, 1:].reshape(-1), tokens[:49])
+    calib = calibration_windows(tokens, 5, 8, seed=0, bos=1)
+    assert calib.shape == (5, 8) and torch.all(calib[:, 0] == 1) and torch.all(calib[:, 2:] - calib[:, 1:-1] == 1)
+    assert torch.equal(TrainBatches(tokens, 8, 2, seed=0, bos=1).windows, windows)
+
+
 def test_draw_follows_the_distribution_and_never_picks_a_zero() -> None:
     probs = torch.tensor([0.5, 0.0, 0.3, 0.2, 0.0]).repeat(20000, 1)
     tokens = draw(probs, torch.Generator().manual_seed(0))

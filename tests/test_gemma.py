@@ -18,6 +18,8 @@ from test_cli import assert_one_line_error
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
 from qatcli.data.gguf_gemma3 import convert_gemma3_gguf, hf_name
+from qatcli.data.sources import eval_windows
+from qatcli.data.tokens import window_bos
 from qatcli.errors import QatcliError
 from qatcli.notices import carry_notices
 from qatcli.quant.targets import find_targets, resolve_group_size
@@ -146,6 +148,28 @@ def test_converted_model_computes_the_logits_of_the_model_the_file_was_written_f
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     for name, tensor in reference.state_dict().items():  # norms w (not w + 1), q/k rows unpermuted
         torch.testing.assert_close(model.state_dict()[name], tensor, rtol=0, atol=1e-6, msg=name)
+
+
+def test_gemma_windows_start_with_bos_in_eval_and_other_models_keep_the_plain_cut(
+    converted, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    out, _ = converted
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert window_bos(model, tokenizer) == 2
+    assert window_bos(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tokenizer) is None
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(["the state of the union"] * 40))
+    rows = tmp_path / "rows.json"
+    result = run_cli("eval", str(out), "--data", str(text), "--seqlen", "16", "--json", str(rows))
+    assert result.returncode == 0, result.stderr
+    windows = eval_windows(torch.tensor(tokenizer(text.read_text())["input_ids"]), 16, bos=2)
+    with torch.no_grad():
+        logits = model(windows).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), windows[:, 1:], reduction="none").mean(1).mean()
+    row = json.loads(rows.read_text())[0]
+    assert row["windows"] == windows.shape[0]
+    assert row["ppl"] == pytest.approx(torch.exp(nll).item(), rel=1e-4)
 
 
 def test_config_states_the_attention_layout_llama_cpp_assumes(converted) -> None:

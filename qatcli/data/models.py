@@ -187,6 +187,14 @@ def load_model(ref: ModelRef, device: torch.device, dtype: torch.dtype = torch.f
     return model.to(device).eval()
 
 
+def gemma_family(model: nn.Module) -> bool:
+    """Whether ``model`` is a Gemma (its config's model_type names it): a family trained with BOS at the start
+    of every text, which loses its way without it (gemma3-270m: perplexity 76.4 on SOTU test windows without
+    BOS, 30.3 with it; docs/results.md)."""
+    model_type = str(getattr(getattr(model, "config", None), "model_type", "") or "")
+    return "gemma" in model_type.lower()
+
+
 def _first_line(err: Exception) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__

@@ -46,4 +46,5 @@ def evaluate_on_data(
 ) -> Perplexity:
     """Perplexity of ``model`` on the windows of ``cfg.data``, read through the command's token source."""
     assert cfg.data is not None
-    return perplexity(model, eval_windows(source.tokens(cfg.data, "eval"), cfg.seqlen, cfg.max_windows), device, label)
+    windows = eval_windows(source.tokens(cfg.data, "eval"), cfg.seqlen, cfg.max_windows, source.bos)
+    return perplexity(model, windows, device, label)

@@ -171,23 +171,43 @@ def tokenize_texts(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> torc
     return torch.tensor(ids, dtype=torch.long)
 
 
-def eval_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of ``seqlen`` tokens from the start (tail dropped): [n, seqlen]."""
-    n = tokens.numel() // seqlen
+def _text_tokens(seqlen: int, bos: int | None) -> int:
+    """The text tokens of a window: all ``seqlen`` positions, or all but the first where BOS takes it."""
+    return seqlen if bos is None else seqlen - 1
+
+
+def _lead(windows: torch.Tensor, bos: int | None) -> torch.Tensor:
+    """``windows`` [n, w] with a column of ``bos`` in front (none where ``bos`` is None)."""
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((windows.shape[0], 1), bos, dtype=windows.dtype), windows], dim=1)
+
+
+def eval_windows(
+    tokens: torch.Tensor, seqlen: int, max_windows: int | None = None, bos: int | None = None
+) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens from the start (tail dropped): [n, seqlen]. With ``bos``
+    each window is that token and the next ``seqlen - 1`` tokens of text, so every text token is scored."""
+    width = _text_tokens(seqlen, bos)
+    n = tokens.numel() // width
     if n == 0:
-        raise QatcliError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {seqlen}")
+        raise QatcliError(f"the evaluation text has {tokens.numel()} tokens, fewer than one window of {width}")
     if max_windows is not None:
         n = min(n, max_windows)
-    return tokens[: n * seqlen].reshape(n, seqlen)
+    return _lead(tokens[: n * width].reshape(n, width), bos)
 
 
-def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets, as GPTQ draws them: [n, seqlen]."""
-    if tokens.numel() <= seqlen:
-        raise QatcliError(f"the calibration text has {tokens.numel()} tokens, need more than seqlen={seqlen}")
+def calibration_windows(
+    tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int, bos: int | None = None
+) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens at seeded random offsets, as GPTQ draws them: [n, seqlen]
+    (with ``bos``: that token, then ``seqlen - 1`` tokens of text)."""
+    width = _text_tokens(seqlen, bos)
+    if tokens.numel() <= width:
+        raise QatcliError(f"the calibration text has {tokens.numel()} tokens, need more than seqlen={width}")
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, tokens.numel() - seqlen, (nsamples,), generator=gen)
-    return torch.stack([tokens[s : s + seqlen] for s in starts.tolist()])
+    starts = torch.randint(0, tokens.numel() - width, (nsamples,), generator=gen)
+    return _lead(torch.stack([tokens[s : s + width] for s in starts.tolist()]), bos)
 
 
 class TrainBatches:
@@ -196,13 +216,14 @@ class TrainBatches:
     The position is part of the state, so a resumed run continues with exactly the next batch.
     """
 
-    def __init__(self, tokens: torch.Tensor, seqlen: int, batch_size: int, seed: int) -> None:
-        n = tokens.numel() // seqlen
+    def __init__(self, tokens: torch.Tensor, seqlen: int, batch_size: int, seed: int, bos: int | None = None) -> None:
+        width = _text_tokens(seqlen, bos)
+        n = tokens.numel() // width
         if n < batch_size:
             raise QatcliError(
-                f"the training text has {n} windows of {seqlen} tokens, fewer than one batch of {batch_size}"
+                f"the training text has {n} windows of {width} tokens, fewer than one batch of {batch_size}"
             )
-        self.windows = tokens[: n * seqlen].reshape(n, seqlen)
+        self.windows = _lead(tokens[: n * width].reshape(n, width), bos)
         self.batch_size = batch_size
         self.seed = seed
         self.epoch = 0

@@ -19,6 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qatcli.config import EvalConfig
+from qatcli.data.models import gemma_family
 from qatcli.errors import QatcliError
 
 INSTALL = "pip install 'qatcli[tasks]'"
@@ -159,8 +160,7 @@ def add_bos_token(model: nn.Module) -> bool | None:
     BOS, GPT-2-style ones such as SmolLM2's do not. qatcli keeps the Gemma rule, for Gemma tokenizers saved
     without their BOS default (GGUF conversions), and otherwise prompts as ``lm_eval --model hf`` does.
     """
-    model_type = str(getattr(getattr(model, "config", None), "model_type", "") or "")
-    return True if "gemma" in model_type.lower() else None
+    return True if gemma_family(model) else None
 
 
 def prepends_bos(tokenizer: PreTrainedTokenizerBase, add_bos: bool | None) -> bool:

@@ -3,27 +3,42 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qatcli.data.generated import generated_tokens
-from qatcli.data.models import ModelRef
+from qatcli.data.models import ModelRef, gemma_family
 from qatcli.data.sources import Purpose, parse_generated, read_texts, tokenize_texts
 from qatcli.errors import QatcliError
+
+
+def window_bos(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The token every window of text starts with: BOS for the Gemma family, which needs it as other models do
+    not; None for the rest, whose windows are plain cuts of the text as in GPTQ's protocol (and its papers'
+    numbers)."""
+    return tokenizer.bos_token_id if gemma_family(model) else None
 
 
 class TokenSource:
     """Resolves data specs to 1-D token streams for one command and keeps each stream it made.
 
     ``base`` is the full-precision model that ``generated:`` specs sample from; None where the command has none.
+    ``bos`` is the token every window cut from these streams starts with (``window_bos``), or None.
     """
 
     def __init__(
-        self, tokenizer: PreTrainedTokenizerBase, base: ModelRef | None, seed: int, device: torch.device
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        base: ModelRef | None,
+        seed: int,
+        device: torch.device,
+        bos: int | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.base = base
         self.seed = seed
         self.device = device
+        self.bos = bos
         self._streams: dict[tuple[str, Purpose], torch.Tensor] = {}
 
     def tokens(self, spec: str, purpose: Purpose) -> torch.Tensor:

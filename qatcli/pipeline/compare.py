@@ -36,7 +36,7 @@ from qatcli.config import Recipe
 from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.tasks import check_tasks, evaluate_tasks, flat_task_fields
-from qatcli.data.tokens import TokenSource
+from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.errors import Interrupted, QatcliError
 from qatcli.formats.checkpoint import is_checkpoint, read_meta
 from qatcli.formats.compressed_tensors import FORMAT as COMPRESSED_TENSORS
@@ -177,7 +177,7 @@ def _fp_row(ctx: Context, cells: list[Cell]) -> dict[str, Any]:
         except QatcliError as err:
             raise QatcliError(f"cell {cell.name}: {err}") from err
     t0 = time.perf_counter()
-    source = TokenSource(tokenizer, ctx.ref, r.seed, ctx.device)
+    source = TokenSource(tokenizer, ctx.ref, r.seed, ctx.device, window_bos(model, tokenizer))
     result = evaluate_on_data(model, source, r.eval, ctx.device, "eval fp")
     tasks = evaluate_tasks(model, tokenizer, r.eval)
     row = {
@@ -237,7 +237,7 @@ def _evaluate_export(ctx: Context, cell: Cell, export: Path) -> dict[str, Any]:
     seed_everything(r.seed, r.deterministic)
     t0 = time.perf_counter()
     model, tokenizer, _ = load_gptq_model(export, ctx.device)
-    source = TokenSource(tokenizer, ctx.ref, r.seed, ctx.device)
+    source = TokenSource(tokenizer, ctx.ref, r.seed, ctx.device, window_bos(model, tokenizer))
     result = evaluate_on_data(model, source, r.eval, ctx.device, f"eval {cell.name}")
     tasks = evaluate_tasks(model, tokenizer, r.eval)
     del model

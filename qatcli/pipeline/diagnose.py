@@ -22,7 +22,7 @@ from qatcli.config import Recipe
 from qatcli.data.models import load_model, load_tokenizer, resolve_model
 from qatcli.data.perplexity import perplexity
 from qatcli.data.sources import eval_windows
-from qatcli.data.tokens import TokenSource
+from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.diagnose.geometry import Point, hessian_distance, inward_component, segment_profile
 from qatcli.errors import QatcliError
 from qatcli.formats.checkpoint import is_checkpoint, load_checkpoint, read_meta
@@ -157,8 +157,11 @@ def diagnose(recipe: Recipe, fp_spec: str | None, quantized: list[str]) -> dict[
     model = load_model(ref, device)
     for p in model.parameters():
         p.requires_grad_(False)
-    source = TokenSource(load_tokenizer(ref), ref, recipe.seed, device)
-    windows = eval_windows(source.tokens(recipe.eval.data, "eval"), recipe.eval.seqlen, recipe.eval.max_windows)
+    tokenizer = load_tokenizer(ref)
+    source = TokenSource(tokenizer, ref, recipe.seed, device, window_bos(model, tokenizer))
+    windows = eval_windows(
+        source.tokens(recipe.eval.data, "eval"), recipe.eval.seqlen, recipe.eval.max_windows, source.bos
+    )
     cfg = recipe.diagnose
     ts = [cfg.t_max * i / (cfg.points - 1) for i in range(cfg.points)]
 

@@ -16,7 +16,7 @@ from qatcli.config import Recipe
 from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.tasks import check_tasks, evaluate_tasks
-from qatcli.data.tokens import TokenSource
+from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.errors import QatcliError
 from qatcli.formats import compressed_tensors
 from qatcli.formats.checkpoint import base_model_ref, is_checkpoint, load_checkpoint
@@ -134,7 +134,8 @@ def evaluate_models(recipe: Recipe, models: list[str]) -> list[dict[str, Any]]:
         loaded = load_for_eval(spec, device)
         row = {"name": spec, **loaded.info}
         if recipe.eval.data is not None:
-            source = TokenSource(loaded.tokenizer, loaded.base, recipe.seed, device)
+            bos = window_bos(loaded.model, loaded.tokenizer)
+            source = TokenSource(loaded.tokenizer, loaded.base, recipe.seed, device, bos)
             result = evaluate_on_data(loaded.model, source, recipe.eval, device, Path(spec).name)
             row |= {
                 "ppl": result.ppl,

@@ -16,7 +16,7 @@ from qatcli.config import Recipe
 from qatcli.data.models import ModelRef, load_model, load_tokenizer
 from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.sources import calibration_windows
-from qatcli.data.tokens import TokenSource
+from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.formats.checkpoint import provenance, save_checkpoint
 from qatcli.outputs import atomic_dir
 from qatcli.pipeline.inputs import Problems
@@ -107,7 +107,7 @@ def _calibration(recipe: Recipe, source: TokenSource) -> torch.Tensor:
     """The recipe's calibration windows, [nsamples, seqlen]."""
     c = recipe.calib
     assert c.data is not None
-    return calibration_windows(source.tokens(c.data, "calib"), c.nsamples, c.seqlen, recipe.seed)
+    return calibration_windows(source.tokens(c.data, "calib"), c.nsamples, c.seqlen, recipe.seed, source.bos)
 
 
 def gptq_layers(
@@ -177,7 +177,7 @@ def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
     t0 = time.perf_counter()
     q = recipe.quant
     base = load_base(recipe, ref, torch.device("cpu") if q.method in WALKING_METHODS else device)
-    source = TokenSource(base.tokenizer, ref, recipe.seed, device)
+    source = TokenSource(base.tokenizer, ref, recipe.seed, device, window_bos(base.model, base.tokenizer))
     load_seconds = time.perf_counter() - t0
 
     quantization: dict[str, Any] = {**quantization_meta(recipe, base), "clip": q.clip}

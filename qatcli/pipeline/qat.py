@@ -28,7 +28,7 @@ from qatcli.config import Recipe
 from qatcli.data.models import load_model, resolve_model
 from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.sources import TrainBatches, calibration_windows
-from qatcli.data.tokens import TokenSource
+from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.diagnose.recording import LandscapeRecorder
 from qatcli.errors import Interrupted, QatcliError, TrainingDiverged
 from qatcli.formats.checkpoint import (
@@ -144,10 +144,10 @@ def _initial_model(recipe: Recipe, device: torch.device, load_device: torch.devi
         model, tokenizer, meta, layers = load_checkpoint(Path(init), load_device, fake_quant=False)
         targets = {name: model.get_submodule(name) for name in layers}
         base = _init_checkpoint_base(recipe, Path(init), meta, model, tokenizer, layers, targets)
-        return base, layers, TokenSource(tokenizer, base.ref, recipe.seed, device)
+        return base, layers, TokenSource(tokenizer, base.ref, recipe.seed, device, window_bos(model, tokenizer))
     walks = init in WALKING_METHODS
     base = load_base(recipe, resolve_model(str(recipe.model)), torch.device("cpu") if walks else load_device)
-    source = TokenSource(base.tokenizer, base.ref, recipe.seed, device)
+    source = TokenSource(base.tokenizer, base.ref, recipe.seed, device, window_bos(base.model, base.tokenizer))
     if init == "gptq":
         layers, _ = gptq_layers(recipe, base, source, device)
     else:
@@ -196,6 +196,7 @@ def _block_stage(
     base: Base,
     layers: dict[str, LayerQuant],
     tokens: torch.Tensor,
+    bos: int | None,
     device: torch.device,
     group: Distributed | None,
 ) -> tuple[dict[str, LayerQuant], BlockReport | None, int]:
@@ -214,7 +215,7 @@ def _block_stage(
     workdir = run_dir(Path(str(recipe.output)))
     if epochs == 0 or has_state(workdir):  # a saved end-to-end state holds the stage's result
         return layers, None, epochs
-    windows = calibration_windows(tokens, t.block.nsamples, t.block.seqlen, recipe.seed)
+    windows = calibration_windows(tokens, t.block.nsamples, t.block.seqlen, recipe.seed, bos)
     fp_weights = None
     if t.init != "fp":  # the model holds RTN, GPTQ or trained weights: the targets need the fp ones
         fp_model = load_model(base.ref, torch.device("cpu"))
@@ -281,7 +282,9 @@ def _end_to_end(
     if group is not None:
         group.broadcast(base.model)
     lowered = [] if t.frozen_dtype == "float32" else lower_frozen(base.model, getattr(torch, t.frozen_dtype))
-    trainer = Trainer(base.model, fakes, estimator, teacher, tokens, t, recipe.seed, device, workdir, group)
+    trainer = Trainer(
+        base.model, fakes, estimator, teacher, tokens, t, recipe.seed, device, workdir, group, bos=source.bos
+    )
     if has_state(workdir):
         trainer.load_state()
         if trainer.step > t.steps:
@@ -299,7 +302,7 @@ def _end_to_end(
         fp_teacher = teacher is not None and t.teacher_dtype == "float32"
         fp_model = teacher if fp_teacher else load_model(base.ref, torch.device("cpu"))
         fp = {name: fp_model.get_submodule(name).weight.detach() for name in fakes}
-        probe = TrainBatches(tokens, t.seqlen, t.batch_size, recipe.seed + 2).next_batch().to(device)
+        probe = TrainBatches(tokens, t.seqlen, t.batch_size, recipe.seed + 2, source.bos).next_batch().to(device)
         model = base.model
         record_landscape = LandscapeRecorder(model, fakes, fp, lambda: model_ce_loss(model, probe)).record
 
@@ -415,7 +418,7 @@ def _train(
     setup_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    layers, block_report, epochs = _block_stage(recipe, base, layers, tokens, device, group)
+    layers, block_report, epochs = _block_stage(recipe, base, layers, tokens, source.bos, device, group)
     block_seconds = time.perf_counter() - t0
     after_blocks = None
     if recipe.eval.data is not None and epochs and t.steps and main:

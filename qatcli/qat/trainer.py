@@ -102,12 +102,14 @@ class Trainer:
         device: torch.device,
         workdir: Path,
         group: Distributed | None = None,
+        bos: int | None = None,
     ) -> None:
         self.model, self.fakes, self.estimator = model, fakes, estimator
+        self.bos = bos  # the token every training window starts with, or None
         self.tokens, self.qat, self.seed, self.device, self.workdir = tokens, qat, seed, device, workdir
         self.group = group
         self.is_main = group is None or group.is_main
-        self.batches = TrainBatches(tokens, qat.seqlen, qat.batch_size, seed)
+        self.batches = TrainBatches(tokens, qat.seqlen, qat.batch_size, seed, bos)
         for p in model.parameters():
             p.requires_grad_(False)
         for f in fakes.values():
@@ -137,7 +139,7 @@ class Trainer:
 
     def calibrate(self, batches: int) -> None:
         """Forward passes over training windows drawn apart from the training order (for estimators that calibrate)."""
-        windows = TrainBatches(self.tokens, self.qat.seqlen, self.qat.batch_size, self.seed + 1)
+        windows = TrainBatches(self.tokens, self.qat.seqlen, self.qat.batch_size, self.seed + 1, self.bos)
         with torch.no_grad():
             for _ in range(batches):
                 self.model(windows.next_batch().to(self.device), use_cache=False)
