@@ -28,11 +28,12 @@ EXPORT_DTYPES = tuple(DENSE_DTYPES)
 AUTO = "auto"
 FUSED_MIN_WEIGHTS = 2**24
 
-# Data-free training text: 250 sequences of 512 tokens sampled from the full-precision model. Every fifth is
-# held out for evaluation, so training gets 200 x 512 = 102,400 tokens: 400 windows of 256 tokens, which the
-# default 150 steps x 4 windows read one and a half times (sampled once and cached: 11 minutes for smollm2-135m
-# on 2 idle CPU cores).
-DEFAULT_QAT_DATA = "generated:250"
+# Data-free training text: 500 sequences of 512 tokens sampled from the full-precision model. Every fifth is
+# held out for evaluation, so training gets 400 x 512 = 204,800 tokens: 800 windows of 256 tokens, more than the
+# default 150 steps x 4 windows read, so no window comes twice (250 sequences, read one and a half times, gave
+# 132.5 at 2 bits on smollm2-135m, 500 gave 120.7: docs/results.md). Sampled once and cached: 26 minutes for
+# smollm2-135m on 2 CPU cores.
+DEFAULT_QAT_DATA = "generated:500"
 
 
 def doc(text: str) -> dict[str, str]:
@@ -249,7 +250,7 @@ class QATConfig:
         default=DEFAULT_QAT_DATA,
         metadata=doc(
             "Training data (same forms as evaluation data); the default, sampled from the full-precision model, "
-            "holds 400 windows of 256 tokens"
+            "holds 800 windows of 256 tokens"
         ),
     )
     steps: int = field(default=150, metadata=doc("End-to-end optimizer steps (0: the block stage alone)"))
