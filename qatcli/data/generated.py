@@ -15,9 +15,9 @@ import inspect
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import PreTrainedTokenizerBase, StaticCache
+from transformers import StaticCache
 
-from qatcli.data.models import ModelRef, cache_root, load_model, load_tokenizer
+from qatcli.data.models import ModelRef, cache_root, leading_bos, load_model, load_tokenizer
 from qatcli.data.sources import GeneratedSpec, Purpose
 from qatcli.errors import QatcliError
 from qatcli.outputs import atomic_dir
@@ -100,22 +100,10 @@ def sample_sequences(
     return torch.cat(out)
 
 
-def _leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
-    """The BOS token id if the tokenizer starts every text with it, else None."""
-    ids = tokenizer("a").input_ids
-    return (
-        tokenizer.bos_token_id if tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id] else None
-    )
-
-
 def _cached_sequences(ref: ModelRef, spec: GeneratedSpec, seed: int, device: torch.device) -> torch.Tensor:
     nucleus_part = "" if spec.top_p >= 1.0 else f"-top_p{spec.top_p:g}"
-    folder = (
-        cache_root()
-        / "generated"
-        / ref.cache_key
-        / (f"n{spec.n}-len{spec.length}{nucleus_part}-seed{seed}-sampler{SAMPLER_VERSION}")
-    )
+    name = f"n{spec.n}-len{spec.length}{nucleus_part}-seed{seed}-sampler{SAMPLER_VERSION}"
+    folder = cache_root() / "generated" / ref.cache_key / name
     path = folder / "tokens.safetensors"
     if not path.is_file():
         tokenizer = load_tokenizer(ref)
@@ -124,7 +112,7 @@ def _cached_sequences(ref: ModelRef, spec: GeneratedSpec, seed: int, device: tor
         vocab = model.get_input_embeddings().weight.shape[0]
         allowed = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
         tokens = sample_sequences(
-            model, allowed, spec.n, spec.length, seed, device, spec.top_p, bos=_leading_bos(tokenizer)
+            model, allowed, spec.n, spec.length, seed, device, spec.top_p, bos=leading_bos(tokenizer)
         )
         with atomic_dir(folder, force=True, shared=True) as tmp:
             save_file({"tokens": tokens}, str(tmp / "tokens.safetensors"), metadata={"model": ref.spec})

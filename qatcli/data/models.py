@@ -189,10 +189,16 @@ def load_model(ref: ModelRef, device: torch.device, dtype: torch.dtype = torch.f
 
 def gemma_family(model: nn.Module) -> bool:
     """Whether ``model`` is a Gemma (its config's model_type names it): a family trained with BOS at the start
-    of every text, which loses its way without it (gemma3-270m: perplexity 76.4 on SOTU test windows without
-    BOS, 30.3 with it; docs/results.md)."""
+    of every text, which loses its way without it (gemma3-270m: perplexity 76.40 on SOTU test windows without
+    BOS, 31.00 with it; docs/results.md)."""
     model_type = str(getattr(getattr(model, "config", None), "model_type", "") or "")
     return "gemma" in model_type.lower()
+
+
+def leading_bos(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The BOS token id if the tokenizer starts every text with it, else None."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
 
 
 def _first_line(err: Exception) -> str:

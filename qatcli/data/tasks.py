@@ -19,7 +19,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qatcli.config import EvalConfig
-from qatcli.data.models import gemma_family
+from qatcli.data.models import gemma_family, leading_bos
 from qatcli.errors import QatcliError
 
 INSTALL = "pip install 'qatcli[tasks]'"
@@ -169,8 +169,7 @@ def prepends_bos(tokenizer: PreTrainedTokenizerBase, add_bos: bool | None) -> bo
         return False
     if add_bos is not None:
         return add_bos
-    ids = tokenizer("a")["input_ids"]
-    return bool(ids) and ids[0] == tokenizer.bos_token_id
+    return leading_bos(tokenizer) is not None
 
 
 class _DropExpected(logging.Filter):
