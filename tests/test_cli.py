@@ -16,6 +16,7 @@ import pytest
 import torch
 import typer
 from conftest import default_sigint, run_cli
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from qatcli.config import Recipe
@@ -139,6 +140,14 @@ def test_eval_on_generated_data_is_cached(tiny_model_dir: Path, tmp_path: Path) 
     assert files[0].stat().st_mtime_ns == mtime
     a, b = (json.loads((tmp_path / n).read_text())[0] for n in ("a.json", "b.json"))
     assert a["windows"] == 2 and a["ppl"] == b["ppl"]  # 2 held-out sequences of 32 tokens
+    # the sampler's dtype is part of the key: a float32 sample and a bfloat16 one are two entries
+    for dtype in ("float32", "bfloat16"):
+        spec = f"generated:10:32:dtype={dtype}"
+        done = run_cli("eval", str(tiny_model_dir), "--data", spec, "--seqlen", "32", cache=cache)
+        assert done.returncode == 0, done.stderr
+    entries = list(cache.glob("generated/*/*/tokens.safetensors"))
+    dtypes = [safe_open(str(f), "pt").metadata()["dtype"] for f in entries]
+    assert sorted(dtypes) == ["bfloat16", "float32"]  # auto's entry is one of the two
 
 
 def test_recipe_drives_ptq_and_flags_override(tiny_model_dir: Path, tmp_path: Path) -> None:

