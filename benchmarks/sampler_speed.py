@@ -1,0 +1,80 @@
+"""Tokens a second of the `generated:N` sampler with the model's weights in float32 and in bfloat16.
+
+Both dtypes sample the same number of sequences from the same seed, in turn (float32, bfloat16, repeated
+`--repeats` times), so they share the machine's state. The samples themselves differ: the bfloat16 model's
+logits differ in their last bits, and a draw near a boundary of the cumulative distribution goes the other
+way. Prints a table; appends it to docs/results.md with `--results`.
+
+    OMP_NUM_THREADS=2 python benchmarks/sampler_speed.py --model smollm2-135m --sequences 64 --length 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from common import machine, publish
+
+from qatcli.data.generated import native_bfloat16, sample_sequences
+from qatcli.data.models import leading_bos, load_model, load_tokenizer, resolve_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--sequences", type=int, default=64)
+    parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--results", type=Path, help="append the table to this file (e.g. docs/results.md)")
+    args = parser.parse_args()
+
+    cpu = torch.device("cpu")
+    ref = resolve_model(args.model)
+    tokenizer = load_tokenizer(ref)
+    special = set(tokenizer.all_special_ids)
+    models = {dtype: load_model(ref, cpu, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    vocab = models[torch.float32].get_input_embeddings().weight.shape[0]
+    allowed = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
+    rates: dict[torch.dtype, list[float]] = {dtype: [] for dtype in models}
+    agree: list[float] = []
+    for _ in range(args.repeats):
+        samples = {}
+        for dtype, model in models.items():
+            start = time.perf_counter()
+            samples[dtype] = sample_sequences(
+                model, allowed, args.sequences, args.length, 0, cpu, bos=leading_bos(tokenizer)
+            )
+            rates[dtype].append(args.sequences * args.length / (time.perf_counter() - start))
+        agree.append((samples[torch.float32] == samples[torch.bfloat16]).float().mean().item())
+
+    fp32 = statistics.mean(rates[torch.float32])
+    lines = [
+        f"Command: `OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/sampler_speed.py "
+        f"{shlex.join(sys.argv[1:])}`  ",
+        f"Machine: {machine()}, {torch.get_num_threads()} threads, native bfloat16: {native_bfloat16(cpu)}. "
+        f"Date: {datetime.now(timezone.utc):%Y-%m-%d}. {args.model}, {args.sequences} sequences x {args.length} "
+        f"tokens, seed 0, {args.repeats} run(s) of each dtype in turn.",
+        "",
+        "| sampler weights | tokens a second (each run) | vs float32 |",
+        "|---|---|---|",
+    ]
+    for dtype, values in rates.items():
+        runs = ", ".join(f"{v:.1f}" for v in values)
+        lines.append(f"| {str(dtype).removeprefix('torch.')} | {runs} | {statistics.mean(values) / fp32:.2f}x |")
+    lines.append("")
+    lines.append(f"Tokens equal in the two samples: {statistics.mean(agree):.1%} (the first divergence ends it).")
+    text = "\n".join(lines) + "\n"
+    if args.results:
+        publish(text, args.results)
+    else:
+        print(text)
+
+
+if __name__ == "__main__":
+    main()
