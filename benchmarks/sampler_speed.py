@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from common import machine, publish
 
-from qatcli.data.generated import native_bfloat16, sample_sequences
+from qatcli.data.generated import first_tokens, native_bfloat16, sample_sequences
 from qatcli.data.models import leading_bos, load_model, load_tokenizer, resolve_model
 
 
@@ -51,10 +51,8 @@ def main() -> None:
     cpu = torch.device("cpu")
     ref = resolve_model(args.model)
     tokenizer = load_tokenizer(ref)
-    special = set(tokenizer.all_special_ids)
     models = {dtype: load_model(ref, cpu, dtype) for dtype in (torch.float32, torch.bfloat16)}
-    vocab = models[torch.float32].get_input_embeddings().weight.shape[0]
-    allowed = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
+    allowed = first_tokens(tokenizer, models[torch.float32])
     rates: dict[torch.dtype, list[float]] = {dtype: [] for dtype in models}
     for _ in range(args.repeats):
         samples = {}

@@ -8,7 +8,8 @@ how closely a quantized model follows the full-precision model (fidelity), not h
 natural text.
 
 The sampler's weights are bfloat16 by default where the device multiplies bfloat16 natively (CUDA, CPUs
-with AVX512-BF16 or AMX): 1.7x the tokens a second of float32 on a 2-core EPYC (docs/results.md). The
+with AVX512-BF16 or AMX): 1.4x (512-token sequences) to 1.8x (128) the tokens a second of float32 on a
+2-core EPYC (docs/results.md). The
 sample is then one of the bfloat16 model, which differs from the float32 one in the last bits of its logits;
 the teacher and every evaluation stay float32. ``dtype=float32`` samples the float32 model.
 """
@@ -20,7 +21,7 @@ import inspect
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import StaticCache
+from transformers import PreTrainedTokenizerBase, StaticCache
 
 from qatcli.data.models import ModelRef, cache_root, leading_bos, load_model, load_tokenizer
 from qatcli.data.sources import GeneratedSpec, Purpose
@@ -122,24 +123,28 @@ def sampling_dtype(requested: str, device: torch.device) -> torch.dtype:
     return getattr(torch, requested)
 
 
+def first_tokens(tokenizer: PreTrainedTokenizerBase, model: nn.Module) -> torch.Tensor:
+    """The tokens a sequence may start from: every id of the model's vocabulary that is not a special token."""
+    special = set(tokenizer.all_special_ids)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    return torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
+
+
 def _cached_sequences(ref: ModelRef, spec: GeneratedSpec, seed: int, device: torch.device) -> torch.Tensor:
     dtype = sampling_dtype(spec.dtype, device)
+    dtype_name = str(dtype).removeprefix("torch.")
     nucleus_part = "" if spec.top_p >= 1.0 else f"-top_p{spec.top_p:g}"
-    dtype_part = "" if dtype == torch.float32 else "-bfloat16"
+    dtype_part = "" if dtype == torch.float32 else f"-{dtype_name}"  # float32 samples keep their older key
     name = f"n{spec.n}-len{spec.length}{nucleus_part}-seed{seed}-sampler{SAMPLER_VERSION}{dtype_part}"
     folder = cache_root() / "generated" / ref.cache_key / name
     path = folder / "tokens.safetensors"
     if not path.is_file():
         tokenizer = load_tokenizer(ref)
         model = load_model(ref, device, dtype)
-        special = set(tokenizer.all_special_ids)
-        vocab = model.get_input_embeddings().weight.shape[0]
-        allowed = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
-        tokens = sample_sequences(
-            model, allowed, spec.n, spec.length, seed, device, spec.top_p, bos=leading_bos(tokenizer)
-        )
+        first, bos = first_tokens(tokenizer, model), leading_bos(tokenizer)
+        tokens = sample_sequences(model, first, spec.n, spec.length, seed, device, spec.top_p, bos=bos)
         with atomic_dir(folder, force=True, shared=True) as tmp:
-            metadata = {"model": ref.spec, "dtype": str(dtype).removeprefix("torch.")}
+            metadata = {"model": ref.spec, "dtype": dtype_name}
             save_file({"tokens": tokens}, str(tmp / "tokens.safetensors"), metadata=metadata)
         del model
     return load_file(str(path))["tokens"]
