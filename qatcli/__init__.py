@@ -6,7 +6,9 @@ It is imported on first use, so that the command line does not load torch for --
 
 from typing import Any
 
-__version__ = "0.1.0"
+from qatcli.version import __version__
+
+__all__ = ["__version__"]
 API = ("build_recipe", "quantize", "evaluate", "export", "compare")
 
 

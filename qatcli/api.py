@@ -18,17 +18,16 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from qatcli.cli import COMMAND_KEYS
 from qatcli.config import Recipe
 from qatcli.errors import QatcliError
+from qatcli.flags import COMMAND_KEYS
+from qatcli.methods import method_names
 from qatcli.pipeline.compare import Comparison, compare_matrix
 from qatcli.pipeline.evaluate import evaluate_models
 from qatcli.pipeline.export import export_checkpoint
 from qatcli.pipeline.ptq import Made, make_ptq_checkpoint
 from qatcli.pipeline.qat import train_qat
 from qatcli.recipe import flatten, load_recipe
-
-PTQ_METHODS = ("rtn", "gptq", "awq")
 
 
 def _recipe_keys(cls: type = Recipe, prefix: str = "") -> list[str]:
@@ -84,14 +83,14 @@ def quantize(
     values: dict[str, Any] | None = None,
     **keywords: Any,
 ) -> Made | None:
-    """`qatcli ptq` (method rtn, gptq or awq) or `qatcli qat` (method qat); the method defaults to the
-    recipe's quant.method. Returns the checkpoint made (None where a qat run stopped early)."""
+    """`qatcli ptq` (a registered PTQ method: rtn, gptq, awq, ...) or `qatcli qat` (method qat); the method
+    defaults to the recipe's quant.method. Returns the checkpoint made (None where a qat run stopped early)."""
     r = _resolve("qat" if method == "qat" else "ptq", model, recipe, values, keywords)
     method = method or r.quant.method
     if method == "qat":
         return train_qat(r, force=force, resume=False, stop_after=None)
-    if method not in PTQ_METHODS:
-        raise QatcliError(f"method must be one of {', '.join((*PTQ_METHODS, 'qat'))}, got '{method}'")
+    if method not in method_names():
+        raise QatcliError(f"method must be one of {', '.join((*method_names(), 'qat'))}, got '{method}'")
     return make_ptq_checkpoint(dataclasses.replace(r, quant=dataclasses.replace(r.quant, method=method)), force)
 
 

@@ -10,15 +10,18 @@ import logging
 import os
 import re
 import sys
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from typer.models import ParameterInfo
 
-from qatcli.config import Recipe
-from qatcli.entry import INTERRUPTED
-from qatcli.errors import QatcliError
-from qatcli.recipe import field_help, load_recipe, parse_assignments
+from qatcli.config import Recipe, field_help
+from qatcli.errors import INTERRUPTED, QatcliError
+from qatcli.flags import COMMAND_KEYS
+from qatcli.version import __version__
 
 app = typer.Typer(
     help="Quantize Hugging Face causal LMs to 2-8 bits and measure what each method costs.",
@@ -29,9 +32,50 @@ app = typer.Typer(
 )
 
 
-def flag(key: str, *decls: str, **kwargs: Any) -> Any:
-    """An option that sets the recipe value ``key``; its help is that field's doc (qatcli.config)."""
-    return typer.Option(*decls, help=field_help(key), **kwargs)
+def _version(value: bool) -> None:
+    if value:
+        print(f"qatcli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Quantize Hugging Face causal LMs to 2-8 bits and measure what each method costs."""
+
+
+def opt(*decls: str, **kwargs: Any) -> Any:
+    """An option that sets a recipe value: which one is its parameter's entry in qatcli/flags.py, and its help is
+    that field's doc (qatcli.config), filled in by ``keyed``."""
+    return typer.Option(*decls, **kwargs)
+
+
+def keyed(command: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give each ``opt`` of ``command``'s function the help of the recipe key flags.COMMAND_KEYS maps it to; an
+    ``opt`` with no key there, or a key with no such option, is a programming error caught at import."""
+    keys = COMMAND_KEYS[command]
+
+    def fill(fn: Callable[..., None]) -> Callable[..., None]:
+        hints = typing.get_type_hints(fn, include_extras=True)
+        seen = set()
+        for name, hint in hints.items():
+            for info in getattr(hint, "__metadata__", ()):
+                if not isinstance(info, ParameterInfo):
+                    continue
+                if name in keys:
+                    info.help = field_help(keys[name])
+                    seen.add(name)
+                elif info.help is None:
+                    raise AssertionError(f"qatcli {command}: option '{name}' has no recipe key in flags.py")
+        if seen != set(keys):
+            raise AssertionError(f"qatcli {command}: flags.py keys without an option: {sorted(set(keys) - seen)}")
+        fn.__annotations__ = hints  # the evaluated annotations, help filled in, are what typer reads
+        return fn
+
+    return fill
 
 
 def _int_or_text(text: str) -> int | str:
@@ -48,157 +92,61 @@ SetOpt = Annotated[
         "--set", help="Any recipe value as KEY=VALUE, e.g. qat.jacobian.blend=1 (repeatable; applied after the flags)."
     ),
 ]
-ModelArg = Annotated[str | None, typer.Argument(help=field_help("model"))]
-OutputOpt = Annotated[str | None, flag("output", "--output", "-o")]
-DeviceOpt = Annotated[str | None, flag("device")]
-SeedOpt = Annotated[int | None, flag("seed")]
-BitsOpt = Annotated[int | None, flag("quant.bits")]
+ModelArg = Annotated[str | None, typer.Argument()]
+OutputOpt = Annotated[str | None, opt("--output", "-o")]
+DeviceOpt = Annotated[str | None, opt()]
+SeedOpt = Annotated[int | None, opt()]
+BitsOpt = Annotated[int | None, opt()]
 # Any: typer refuses a union such as int | str; the parser gives an int or the text (auto).
-GroupSizeOpt = Annotated[Any, flag("quant.group_size", parser=_int_or_text, metavar="auto|-1|N")]
-SymOpt = Annotated[bool | None, flag("quant.sym", "--sym/--asym")]
-LmHeadOpt = Annotated[bool | None, flag("quant.lm_head", "--lm-head/--no-lm-head")]
-ClipOpt = Annotated[str | None, flag("quant.clip")]
-CalibDataOpt = Annotated[str | None, flag("calib.data")]
-NsamplesOpt = Annotated[int | None, flag("calib.nsamples")]
-CalibSeqlenOpt = Annotated[int | None, flag("calib.seqlen", "--calib-seqlen")]
-EvalDataOpt = Annotated[str | None, flag("eval.data", "--eval-data")]
-EvalSeqlenOpt = Annotated[int | None, flag("eval.seqlen", "--eval-seqlen")]
-MaxWindowsOpt = Annotated[int | None, flag("eval.max_windows")]
-
-# Each command's options by parameter name, with the recipe key each one sets: one key per option, and
-# an option name means the same key in every command, except --seqlen, --data and --output, which name
-# the obvious one of each command (ptq: calibration, qat: training, eval: evaluation).
-SHARED_KEYS = {"device": "device", "seed": "seed"}
-QUANT_KEYS = {
-    "bits": "quant.bits",
-    "group_size": "quant.group_size",
-    "sym": "quant.sym",
-    "clip": "quant.clip",
-    "lm_head": "quant.lm_head",
-}
-EVAL_KEYS = {"eval_data": "eval.data", "eval_seqlen": "eval.seqlen", "max_windows": "eval.max_windows"}
-COMMAND_KEYS: dict[str, dict[str, str]] = {
-    "ptq": {
-        "model": "model",
-        "output": "output",
-        "method": "quant.method",
-        **QUANT_KEYS,
-        "include": "quant.include",
-        "exclude": "quant.exclude",
-        "calib_data": "calib.data",
-        "nsamples": "calib.nsamples",
-        "seqlen": "calib.seqlen",
-        "damp": "gptq.damp",
-        "block_size": "gptq.block_size",
-        "act_order": "gptq.act_order",
-        "act_group_aware": "gptq.act_group_aware",
-        "static_groups": "gptq.static_groups",
-        "true_sequential": "gptq.true_sequential",
-        "n_grid": "awq.n_grid",
-        "duo_scaling": "awq.duo_scaling",
-        "fp_inputs": "awq.fp_inputs",
-        **EVAL_KEYS,
-        **SHARED_KEYS,
-    },
-    "qat": {
-        "model": "model",
-        "output": "output",
-        **QUANT_KEYS,
-        "estimator": "qat.estimator",
-        "amplitudes": "qat.amplitudes",
-        "init": "qat.init",
-        "data": "qat.data",
-        "steps": "qat.steps",
-        "block_epochs": "qat.block.epochs",
-        "train": "qat.train",
-        "batch_size": "qat.batch_size",
-        "seqlen": "qat.seqlen",
-        "grad_accum": "qat.grad_accum",
-        "lr": "qat.lr",
-        "scale_lr": "qat.scale_lr",
-        "loss": "qat.loss",
-        "teacher_dtype": "qat.teacher_dtype",
-        "teacher_device": "qat.teacher_device",
-        "frozen_dtype": "qat.frozen_dtype",
-        "parallel": "qat.parallel",
-        "gradient_checkpointing": "qat.gradient_checkpointing",
-        "variance_reduction": "qat.variance_reduction",
-        "fused": "qat.fused",
-        "save_every": "qat.save_every",
-        "eval_every": "qat.eval_every",
-        "calib_data": "calib.data",
-        "nsamples": "calib.nsamples",
-        "calib_seqlen": "calib.seqlen",
-        **EVAL_KEYS,
-        **SHARED_KEYS,
-    },
-    "eval": {
-        "data": "eval.data",
-        "seqlen": "eval.seqlen",
-        "max_windows": "eval.max_windows",
-        "tasks": "eval.tasks",
-        "task_dirs": "eval.task_dirs",
-        "num_fewshot": "eval.num_fewshot",
-        "limit": "eval.limit",
-        "batch_size": "eval.batch_size",
-        **SHARED_KEYS,
-    },
-    "diagnose": {
-        "data": "eval.data",
-        "seqlen": "eval.seqlen",
-        "max_windows": "eval.max_windows",
-        "points": "diagnose.points",
-        "t_max": "diagnose.t_max",
-        "hessian_windows": "diagnose.hessian_windows",
-        **SHARED_KEYS,
-    },
-    "export": {
-        "output": "export.output",
-        "fmt": "export.format",
-        "dtype": "export.dtype",
-        "max_shard_mib": "export.max_shard_mib",
-        "v1_clamp_zeros": "export.v1_clamp_zeros",
-    },
-    "compare": {"output": "output", **EVAL_KEYS, "device": "device"},
-}
+GroupSizeOpt = Annotated[Any, opt(parser=_int_or_text, metavar="auto|-1|N")]
+SymOpt = Annotated[bool | None, opt("--sym/--asym")]
+LmHeadOpt = Annotated[bool | None, opt("--lm-head/--no-lm-head")]
+TargetOpt = Annotated[str | None, opt(metavar="gguf:q2_0|gguf:q4_0|gguf:q4_1|gguf:q8_0")]
+ClipOpt = Annotated[str | None, opt()]
+CalibDataOpt = Annotated[str | None, opt()]
+NsamplesOpt = Annotated[int | None, opt()]
+CalibSeqlenOpt = Annotated[int | None, opt("--calib-seqlen")]
+EvalDataOpt = Annotated[str | None, opt("--eval-data")]
+EvalSeqlenOpt = Annotated[int | None, opt("--eval-seqlen")]
+MaxWindowsOpt = Annotated[int | None, opt()]
 
 
 def _load(command: str, recipe: Path | None, params: dict[str, Any], assignments: list[str] | None) -> Recipe:
     """The recipe file with the options given to ``command`` (``params``, its arguments by name) and then
     the --set assignments applied; an option not given (None, or an empty repeatable one) changes nothing."""
+    from qatcli.recipe import load_recipe, parse_assignments
+
     overrides = {key: params[name] if params[name] != [] else None for name, key in COMMAND_KEYS[command].items()}
     return load_recipe(recipe, {**overrides, **parse_assignments(assignments or [])})
 
 
 @app.command()
+@keyed("ptq")
 def ptq(
     model: ModelArg = None,
     recipe: RecipeOpt = None,
-    method: Annotated[str | None, flag("quant.method")] = None,
+    method: Annotated[str | None, opt()] = None,
     bits: BitsOpt = None,
     group_size: GroupSizeOpt = None,
     sym: SymOpt = None,
     clip: ClipOpt = None,
     lm_head: LmHeadOpt = None,
-    include: Annotated[list[str] | None, flag("quant.include")] = None,
-    exclude: Annotated[list[str] | None, flag("quant.exclude")] = None,
+    target: TargetOpt = None,
+    include: Annotated[list[str] | None, opt()] = None,
+    exclude: Annotated[list[str] | None, opt()] = None,
     output: OutputOpt = None,
     calib_data: CalibDataOpt = None,
     nsamples: NsamplesOpt = None,
-    seqlen: Annotated[int | None, flag("calib.seqlen", "--seqlen", "--calib-seqlen")] = None,
-    damp: Annotated[float | None, flag("gptq.damp")] = None,
-    block_size: Annotated[int | None, flag("gptq.block_size")] = None,
-    act_order: Annotated[bool | None, flag("gptq.act_order", "--act-order/--no-act-order")] = None,
-    act_group_aware: Annotated[
-        bool | None, flag("gptq.act_group_aware", "--act-group-aware/--no-act-group-aware")
-    ] = None,
-    static_groups: Annotated[bool | None, flag("gptq.static_groups", "--static-groups/--no-static-groups")] = None,
-    true_sequential: Annotated[
-        bool | None, flag("gptq.true_sequential", "--true-sequential/--no-true-sequential")
-    ] = None,
-    n_grid: Annotated[int | None, flag("awq.n_grid")] = None,
-    duo_scaling: Annotated[bool | None, flag("awq.duo_scaling", "--duo-scaling/--no-duo-scaling")] = None,
-    fp_inputs: Annotated[bool | None, flag("awq.fp_inputs", "--fp-inputs/--no-fp-inputs")] = None,
+    seqlen: Annotated[int | None, opt("--seqlen", "--calib-seqlen")] = None,
+    damp: Annotated[float | None, opt()] = None,
+    block_size: Annotated[int | None, opt()] = None,
+    act_order: Annotated[bool | None, opt("--act-order/--no-act-order")] = None,
+    act_group_aware: Annotated[bool | None, opt("--act-group-aware/--no-act-group-aware")] = None,
+    static_groups: Annotated[bool | None, opt("--static-groups/--no-static-groups")] = None,
+    true_sequential: Annotated[bool | None, opt("--true-sequential/--no-true-sequential")] = None,
+    n_grid: Annotated[int | None, opt()] = None,
+    duo_scaling: Annotated[bool | None, opt("--duo-scaling/--no-duo-scaling")] = None,
+    fp_inputs: Annotated[bool | None, opt("--fp-inputs/--no-fp-inputs")] = None,
     eval_data: EvalDataOpt = None,
     eval_seqlen: EvalSeqlenOpt = None,
     max_windows: MaxWindowsOpt = None,
@@ -214,6 +162,7 @@ def ptq(
 
 
 @app.command()
+@keyed("qat")
 def qat(
     model: ModelArg = None,
     recipe: RecipeOpt = None,
@@ -222,35 +171,30 @@ def qat(
     sym: SymOpt = None,
     clip: ClipOpt = None,
     lm_head: LmHeadOpt = None,
-    estimator: Annotated[str | None, flag("qat.estimator")] = None,
+    target: TargetOpt = None,
+    estimator: Annotated[str | None, opt()] = None,
     # --amplitude, the singular, reads better repeated: --amplitude 0.2 --amplitude 0.05.
-    amplitudes: Annotated[list[float] | None, flag("qat.amplitudes", "--amplitudes", "--amplitude")] = None,
-    init: Annotated[str | None, flag("qat.init")] = None,
-    data: Annotated[str | None, flag("qat.data")] = None,
-    steps: Annotated[int | None, flag("qat.steps")] = None,
-    block_epochs: Annotated[
-        Any, flag("qat.block.epochs", "--block-epochs", parser=_int_or_text, metavar="auto|N")
-    ] = None,
-    train: Annotated[str | None, flag("qat.train")] = None,
-    batch_size: Annotated[int | None, flag("qat.batch_size")] = None,
-    seqlen: Annotated[int | None, flag("qat.seqlen", "--seqlen", "--train-seqlen")] = None,
-    grad_accum: Annotated[int | None, flag("qat.grad_accum")] = None,
-    lr: Annotated[float | None, flag("qat.lr")] = None,
-    scale_lr: Annotated[float | None, flag("qat.scale_lr")] = None,
-    loss: Annotated[str | None, flag("qat.loss")] = None,
-    teacher_dtype: Annotated[str | None, flag("qat.teacher_dtype")] = None,
-    teacher_device: Annotated[str | None, flag("qat.teacher_device")] = None,
-    frozen_dtype: Annotated[str | None, flag("qat.frozen_dtype")] = None,
-    parallel: Annotated[str | None, flag("qat.parallel")] = None,
-    gradient_checkpointing: Annotated[
-        bool | None, flag("qat.gradient_checkpointing", "--gradient-checkpointing/--no-gradient-checkpointing")
-    ] = None,
-    variance_reduction: Annotated[
-        bool | None, flag("qat.variance_reduction", "--variance-reduction/--no-variance-reduction")
-    ] = None,
-    fused: Annotated[bool | None, flag("qat.fused", "--fused/--no-fused")] = None,
-    save_every: Annotated[int | None, flag("qat.save_every")] = None,
-    eval_every: Annotated[int | None, flag("qat.eval_every")] = None,
+    amplitudes: Annotated[list[float] | None, opt("--amplitudes", "--amplitude")] = None,
+    init: Annotated[str | None, opt()] = None,
+    data: Annotated[str | None, opt()] = None,
+    steps: Annotated[int | None, opt()] = None,
+    block_epochs: Annotated[Any, opt("--block-epochs", parser=_int_or_text, metavar="auto|N")] = None,
+    train: Annotated[str | None, opt()] = None,
+    batch_size: Annotated[int | None, opt()] = None,
+    seqlen: Annotated[int | None, opt("--seqlen", "--train-seqlen")] = None,
+    grad_accum: Annotated[int | None, opt()] = None,
+    lr: Annotated[float | None, opt()] = None,
+    scale_lr: Annotated[float | None, opt()] = None,
+    loss: Annotated[str | None, opt()] = None,
+    teacher_dtype: Annotated[str | None, opt()] = None,
+    teacher_device: Annotated[str | None, opt()] = None,
+    frozen_dtype: Annotated[str | None, opt()] = None,
+    parallel: Annotated[str | None, opt()] = None,
+    gradient_checkpointing: Annotated[bool | None, opt("--gradient-checkpointing/--no-gradient-checkpointing")] = None,
+    variance_reduction: Annotated[bool | None, opt("--variance-reduction/--no-variance-reduction")] = None,
+    fused: Annotated[bool | None, opt("--fused/--no-fused")] = None,
+    save_every: Annotated[int | None, opt()] = None,
+    eval_every: Annotated[int | None, opt()] = None,
     set_: SetOpt = None,
     calib_data: CalibDataOpt = None,
     nsamples: NsamplesOpt = None,
@@ -275,17 +219,18 @@ def qat(
 
 
 @app.command("eval")
+@keyed("eval")
 def eval_(
     models: Annotated[list[str] | None, typer.Argument(help="Models and/or qatcli checkpoints.")] = None,
     recipe: RecipeOpt = None,
-    data: Annotated[str | None, flag("eval.data", "--data", "--eval-data")] = None,
-    seqlen: Annotated[int | None, flag("eval.seqlen", "--seqlen", "--eval-seqlen")] = None,
+    data: Annotated[str | None, opt("--data", "--eval-data")] = None,
+    seqlen: Annotated[int | None, opt("--seqlen", "--eval-seqlen")] = None,
     max_windows: MaxWindowsOpt = None,
-    tasks: Annotated[list[str] | None, flag("eval.tasks", metavar="TASK[,TASK...]")] = None,
-    task_dirs: Annotated[list[str] | None, flag("eval.task_dirs", "--task-dir", "--task-dirs", metavar="DIR")] = None,
-    num_fewshot: Annotated[int | None, flag("eval.num_fewshot")] = None,
-    limit: Annotated[int | None, flag("eval.limit")] = None,
-    batch_size: Annotated[int | None, flag("eval.batch_size", "--eval-batch-size")] = None,
+    tasks: Annotated[list[str] | None, opt(metavar="TASK[,TASK...]")] = None,
+    task_dirs: Annotated[list[str] | None, opt("--task-dir", "--task-dirs", metavar="DIR")] = None,
+    num_fewshot: Annotated[int | None, opt()] = None,
+    limit: Annotated[int | None, opt()] = None,
+    batch_size: Annotated[int | None, opt("--eval-batch-size")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the rows as JSON here.")] = None,
     set_: SetOpt = None,
     device: DeviceOpt = None,
@@ -300,18 +245,19 @@ def eval_(
 
 
 @app.command()
+@keyed("diagnose")
 def diagnose(
     model: Annotated[str | None, typer.Argument(help="The full-precision model the others were made from.")] = None,
     quantized: Annotated[
         list[str] | None, typer.Argument(help="qatcli checkpoints and/or GPTQ-format directories.")
     ] = None,
     recipe: RecipeOpt = None,
-    data: Annotated[str | None, flag("eval.data", "--data", "--eval-data")] = None,
-    seqlen: Annotated[int | None, flag("eval.seqlen", "--seqlen", "--eval-seqlen")] = None,
+    data: Annotated[str | None, opt("--data", "--eval-data")] = None,
+    seqlen: Annotated[int | None, opt("--seqlen", "--eval-seqlen")] = None,
     max_windows: MaxWindowsOpt = None,
-    points: Annotated[int | None, flag("diagnose.points")] = None,
-    t_max: Annotated[float | None, flag("diagnose.t_max")] = None,
-    hessian_windows: Annotated[int | None, flag("diagnose.hessian_windows")] = None,
+    points: Annotated[int | None, opt()] = None,
+    t_max: Annotated[float | None, opt()] = None,
+    hessian_windows: Annotated[int | None, opt()] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the measurements as JSON here.")] = None,
     png_path: Annotated[Path | None, typer.Option("--png", help="Draw the loss along each segment here.")] = None,
     set_: SetOpt = None,
@@ -327,24 +273,27 @@ def diagnose(
 
 
 @app.command()
+@keyed("export")
 def export(
     checkpoint: Annotated[str | None, typer.Argument(help="qatcli checkpoint (default: the recipe's output).")] = None,
     recipe: RecipeOpt = None,
-    output: Annotated[str | None, flag("export.output", "--output", "-o")] = None,
-    fmt: Annotated[str | None, flag("export.format", "--format")] = None,
-    dtype: Annotated[str | None, flag("export.dtype")] = None,
-    max_shard_mib: Annotated[int | None, flag("export.max_shard_mib")] = None,
-    v1_clamp_zeros: Annotated[bool | None, flag("export.v1_clamp_zeros", "--v1-clamp-zeros")] = None,
+    output: Annotated[str | None, opt("--output", "-o")] = None,
+    fmt: Annotated[str | None, opt("--format")] = None,
+    dtype: Annotated[str | None, opt()] = None,
+    max_shard_mib: Annotated[int | None, opt()] = None,
+    v1_clamp_zeros: Annotated[bool | None, opt("--v1-clamp-zeros")] = None,
+    gguf_embedding: Annotated[str | None, opt()] = None,
     set_: SetOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Write a deployable GPTQ-format model (packed int32 weights, fp16 scales) from a checkpoint."""
+    """Write a deployable model from a checkpoint: GPTQ format, compressed-tensors, or one GGUF file for llama.cpp."""
     from qatcli.commands.export import run_export
 
     run_export(_load("export", recipe, locals(), set_), checkpoint, force)
 
 
 @app.command()
+@keyed("compare")
 def compare(
     recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="YAML recipe with a compare section.")],
     output: OutputOpt = None,
@@ -376,9 +325,15 @@ def _quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def answers_without_libraries(argv: list[str]) -> bool:
+    """Whether the command line only asks for help or the version, which need neither torch nor transformers."""
+    return not argv or any(arg in ("--help", "--version") for arg in argv)
+
+
 def main(argv: list[str] | None = None) -> Any:
     """Entry point: user mistakes become one line on stderr and exit status 2, never a traceback."""
-    _quiet_libraries()
+    if not answers_without_libraries(sys.argv[1:] if argv is None else argv):
+        _quiet_libraries()
     command = typer.main.get_command(app)
     try:
         status = command.main(args=argv, prog_name="qatcli", standalone_mode=False)

@@ -8,14 +8,10 @@ a recipe is qatcli/recipe.py's job.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from qatcli.formats.compressed_tensors import FORMAT as CT_FORMAT
-from qatcli.formats.gptq_format import DENSE_DTYPES, FORMATS
-
-PTQ_METHODS = ("rtn", "gptq", "awq")
-EXPORT_FORMATS = (*FORMATS, CT_FORMAT)
 QAT_LOSSES = ("kd", "ce")
 BLOCK_LOSSES = ("mse", "token_mse", "channel_mse")
 QAT_TRAIN = ("all", "scales")
@@ -23,9 +19,9 @@ QAT_PARALLEL = ("fsdp", "ddp")
 TEACHER_DTYPES = ("float32", "bfloat16", "float16")
 FROZEN_DTYPES = TEACHER_DTYPES
 AUTO_BLOCK_EPOCHS = 2
-COMPARE_METHODS = ("rtn", "gptq", "awq", "qat")
-EXPORT_DTYPES = tuple(DENSE_DTYPES)
+EXPORT_DTYPES = ("float16", "bfloat16", "float32")
 AUTO = "auto"
+GGUF_EMBEDDINGS = (AUTO, "f32", "f16", "bf16", "q8_0")
 FUSED_MIN_WEIGHTS = 2**24
 
 # Data-free training text: 500 sequences of 512 tokens sampled from the full-precision model. Every fifth is
@@ -75,6 +71,14 @@ class QuantConfig:
         metadata=doc(
             "Per-layer grids: regular expression on layer names (searched, as include/exclude) -> overrides "
             "{bits, group_size, sym}; the first matching rule wins, other layers take bits, group_size and sym"
+        ),
+    )
+    target: str | None = field(
+        default=None,
+        metadata=doc(
+            "The grid of a deployment format, chosen before quantizing so that the export stores the codes exactly: "
+            "gguf:q2_0 (sym 2-bit g64), gguf:q4_0 (sym 4-bit g32), gguf:q4_1 (asym 4-bit g32) or gguf:q8_0 (sym "
+            "8-bit g32); it sets bits, group_size and sym, and refuses another value given for one of them"
         ),
     )
     lm_head: bool = field(
@@ -384,8 +388,8 @@ class ExportConfig:
     format: str | None = field(
         default=None,
         metadata=doc(
-            "gptq (v1), gptq_v2 or compressed-tensors (pack-quantized); by default gptq for symmetric grids, "
-            "else gptq_v2"
+            "gptq (v1), gptq_v2, compressed-tensors (pack-quantized) or gguf (one file for llama.cpp); by default "
+            "gptq for symmetric grids, else gptq_v2"
         ),
     )
     dtype: str = field(
@@ -394,6 +398,13 @@ class ExportConfig:
     max_shard_mib: int = field(default=5120, metadata=doc("Largest safetensors shard, in MiB"))
     v1_clamp_zeros: bool = field(
         default=False, metadata=doc("Write an asymmetric grid as format gptq (v1), zero points clamped to >= 1")
+    )
+    gguf_embedding: str = field(
+        default=AUTO,
+        metadata=doc(
+            "gguf only: the token embedding's type: f32, f16, bf16 or q8_0 (as llama.cpp's own Q4_0 files store "
+            "it); auto: export.dtype"
+        ),
     )
 
 
@@ -470,3 +481,49 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# The documentation of the schema: --help and the recipe checks read it.
+
+
+def recipe_field(dotted: str) -> dataclasses.Field:
+    """The dataclass field of a dotted recipe key such as ``quant.group_size``."""
+    cls: Any = Recipe
+    *parents, leaf = dotted.split(".")
+    for name in [*parents, leaf]:
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        if name not in fields:
+            raise KeyError(f"no recipe key '{dotted}'")
+        found = fields[name]
+        cls = typing.get_type_hints(cls)[name]
+    return found
+
+
+def default_value(dotted: str) -> Any:
+    """The code's default of a dotted recipe key (a fresh one for lists and sections)."""
+    f = recipe_field(dotted)
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
+def shown_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and 0 < abs(value) < 1e-3:  # 2e-4, as recipes write it, not 0.0002
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, list):
+        return ", ".join(shown_value(v) for v in value)
+    return str(value)
+
+
+def field_help(dotted: str) -> str:
+    """The help of the flag that sets ``dotted``: the field's doc and its default, if it has one."""
+    doc = recipe_field(dotted).metadata["doc"]
+    default = default_value(dotted)
+    if default is None or default in ([], {}) or dataclasses.is_dataclass(default):
+        return doc + "."
+    return f"{doc} (default: {shown_value(default)})."

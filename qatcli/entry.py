@@ -6,7 +6,7 @@ import os
 import signal
 import sys
 
-INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
+from qatcli.errors import INTERRUPTED
 
 
 def _exit_interrupted(*_: object) -> None:
@@ -30,10 +30,11 @@ def _load_libraries() -> None:
 
 
 def run() -> None:
-    _load_libraries()
-    try:
-        from qatcli.cli import main
+    from qatcli.cli import answers_without_libraries, main
 
+    if not answers_without_libraries(sys.argv[1:]):
+        _load_libraries()
+    try:
         status = main()
     except KeyboardInterrupt:
         _exit_interrupted()

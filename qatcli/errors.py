@@ -1,5 +1,7 @@
 """The error types the CLI shows as one line, without a traceback, and the exit status of each."""
 
+INTERRUPTED = 130  # the shell's status for a process stopped by SIGINT
+
 
 class QatcliError(Exception):
     """A problem with the user's input or environment (not a bug): exit status 2."""
@@ -16,4 +18,4 @@ class TrainingDiverged(QatcliError):
 class Interrupted(QatcliError):
     """Ctrl-C (SIGINT) ended the command; the message says what was kept: exit status 130, the shell's."""
 
-    exit_code = 130
+    exit_code = INTERRUPTED

@@ -15,7 +15,7 @@ import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 
-from qatcli import __version__
+from qatcli.version import __version__
 
 NOTICE = "NOTICE"
 # the notice file, the licence terms and use policies a model directory may carry, copied as they are

@@ -19,65 +19,26 @@ import yaml
 from qatcli.config import (
     AUTO,
     BLOCK_LOSSES,
-    COMPARE_METHODS,
     EXPORT_DTYPES,
-    EXPORT_FORMATS,
     FROZEN_DTYPES,
-    PTQ_METHODS,
+    GGUF_EMBEDDINGS,
     QAT_LOSSES,
     QAT_PARALLEL,
     QAT_TRAIN,
     TEACHER_DTYPES,
     CompareMethod,
+    QuantConfig,
     Recipe,
+    default_value,
+    shown_value,
 )
 from qatcli.errors import QatcliError
+from qatcli.exporters import format_values
+from qatcli.exporters.gguf import TARGETS
+from qatcli.methods import method_names
 from qatcli.quant.grid import CLIP_METHODS, SUPPORTED_BITS
 
 SCIENTIFIC = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
-
-
-def recipe_field(dotted: str) -> dataclasses.Field:
-    """The dataclass field of a dotted recipe key such as ``quant.group_size``."""
-    cls: Any = Recipe
-    *parents, leaf = dotted.split(".")
-    for name in [*parents, leaf]:
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        if name not in fields:
-            raise KeyError(f"no recipe key '{dotted}'")
-        found = fields[name]
-        cls = typing.get_type_hints(cls)[name]
-    return found
-
-
-def default_value(dotted: str) -> Any:
-    """The code's default of a dotted recipe key (a fresh one for lists and sections)."""
-    f = recipe_field(dotted)
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return f.default
-
-
-def shown_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float) and 0 < abs(value) < 1e-3:  # 2e-4, as recipes write it, not 0.0002
-        mantissa, exponent = f"{value:e}".split("e")
-        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, list):
-        return ", ".join(shown_value(v) for v in value)
-    return str(value)
-
-
-def field_help(dotted: str) -> str:
-    """The help of the flag that sets ``dotted``: the field's doc and its default, if it has one."""
-    doc = recipe_field(dotted).metadata["doc"]
-    default = default_value(dotted)
-    if default is None or default in ([], {}) or dataclasses.is_dataclass(default):
-        return doc + "."
-    return f"{doc} (default: {shown_value(default)})."
 
 
 _NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: ("true or false", "booleans")}
@@ -183,7 +144,7 @@ def valid_group_size(value: int | str) -> bool:
 def _value_problems(recipe: Recipe) -> list[str]:
     problems: list[str] = []
     q = recipe.quant
-    _one_of(problems, "quant.method", q.method, PTQ_METHODS)
+    _one_of(problems, "quant.method", q.method, method_names())
     _one_of(problems, "quant.clip", q.clip, CLIP_METHODS)
     _one_of(problems, "quant.bits", q.bits, SUPPORTED_BITS)
     if not valid_group_size(q.group_size):
@@ -234,8 +195,9 @@ def _value_problems(recipe: Recipe) -> list[str]:
     if t.warmup_steps < 0 or not 0 <= t.min_lr_ratio <= 1 or t.weight_decay < 0:
         problems.append("recipe: qat.warmup_steps and qat.weight_decay must be >= 0, qat.min_lr_ratio in [0, 1]")
     if e.format is not None:
-        _one_of(problems, "export.format", e.format, EXPORT_FORMATS)
+        _one_of(problems, "export.format", e.format, format_values())
     _one_of(problems, "export.dtype", e.dtype, EXPORT_DTYPES)
+    _one_of(problems, "export.gguf_embedding", e.gguf_embedding, GGUF_EMBEDDINGS)
     if t.fused not in (True, False, AUTO):
         problems.append(f"recipe: qat.fused must be auto, true or false, got {t.fused!r}")
     gar = recipe.gptq.act_group_aware
@@ -329,7 +291,7 @@ def _compare_problems(recipe: Recipe) -> list[str]:
     groups = list(c.group_size or [])
     for i, m in enumerate(c.methods):
         where = f"compare.methods[{i}]"
-        _one_of(problems, f"{where}.method", m.method, COMPARE_METHODS)
+        _one_of(problems, f"{where}.method", m.method, (*method_names(), "qat"))
         for key in ("bits", "group_size", "estimator", "init", "block_epochs"):
             if getattr(m, key) == []:
                 problems.append(f"recipe: {where}.{key} is an empty list")
@@ -438,6 +400,25 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def apply_target(q: QuantConfig) -> list[str]:
+    """Set bits, group_size and sym from quant.target; a value given for one of them that differs is a problem
+    (a default is not a value given)."""
+    if q.target is None:
+        return []
+    t = TARGETS.get(q.target)
+    if t is None:
+        return [f"recipe: quant.target must be one of {', '.join(TARGETS)}, got '{q.target}'"]
+    wanted = {"bits": t.bits, "group_size": t.block, "sym": t.sym}
+    problems = [
+        f"recipe: quant.target {q.target} means quant.{key} {shown_value(value)}, got {shown_value(getattr(q, key))}"
+        for key, value in wanted.items()
+        if getattr(q, key) not in (value, default_value(f"quant.{key}"))
+    ]
+    for key, value in wanted.items():
+        setattr(q, key, value)
+    return problems
+
+
 def load_recipe(path: Path | None, overrides: dict[str, Any]) -> Recipe:
     """Read the recipe file (if any), apply the command-line values that were given, and validate.
 
@@ -449,6 +430,7 @@ def load_recipe(path: Path | None, overrides: dict[str, Any]) -> Recipe:
             _set_dotted(data, dotted, value)
     problems: list[str] = []
     recipe = _build(Recipe, data, "", problems)
+    problems += apply_target(recipe.quant)
     problems += _value_problems(recipe)
     if problems:
         raise QatcliError(together(problems))

@@ -19,10 +19,9 @@ from conftest import default_sigint, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from qatcli.config import Recipe
+from qatcli.config import Recipe, field_help, recipe_field
 from qatcli.formats.checkpoint import load_checkpoint
 from qatcli.quant.grid import QuantSpec, fake_quantize, group_qparams
-from qatcli.recipe import field_help, recipe_field
 
 
 def assert_one_line_error(result, fragment: str) -> None:
@@ -418,7 +417,7 @@ def options(command: str) -> list[Any]:
 
 
 def test_flag_help_is_the_recipe_fields_doc() -> None:
-    from qatcli.cli import COMMAND_KEYS
+    from qatcli.flags import COMMAND_KEYS
 
     not_recipe_keys = {"recipe", "force", "set_", "json_path", "png_path", "resume", "stop_after"}
     for command, keys in COMMAND_KEYS.items():
@@ -432,7 +431,7 @@ def test_flag_help_is_the_recipe_fields_doc() -> None:
 
 
 def test_one_meaning_per_flag_and_flag_names_are_recipe_keys() -> None:
-    from qatcli.cli import COMMAND_KEYS
+    from qatcli.flags import COMMAND_KEYS
 
     meanings: dict[str, set[str]] = {}
     for command, keys in COMMAND_KEYS.items():

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from qatcli.errors import QatcliError
 from qatcli.formats.checkpoint import load_checkpoint
-from qatcli.formats.export import export_compressed_tensors, export_model
+from qatcli.formats.export import export_compressed_tensors
 from qatcli.quant.grid import QuantSpec
 
 # compressed-tensors 0.20.1 needs Python >= 3.11 (pyproject's dev extra installs it there)
@@ -182,7 +182,7 @@ def test_act_order_is_refused_in_one_line_and_leaves_nothing(tiny_model_dir: Pat
     out, direct = tmp_path / "ct", tmp_path / "direct"
     direct.mkdir()
     with pytest.raises(QatcliError, match="act-order g_idx; compressed-tensors cannot store one"):
-        export_model(ckpt, direct, fmt="compressed-tensors")
+        export_compressed_tensors(ckpt, direct)
     assert not any(direct.iterdir())
 
     refused = run_cli("export", str(ckpt), "-o", str(out), "--format", "compressed-tensors")

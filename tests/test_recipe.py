@@ -10,11 +10,11 @@ import pytest
 import yaml
 from torch import nn
 
-from qatcli.config import GPTQOptions, Recipe
+from qatcli.config import GPTQOptions, Recipe, default_value, field_help, recipe_field
 from qatcli.data.sources import parse_generated
 from qatcli.errors import QatcliError
 from qatcli.quant.targets import resolve_group_size
-from qatcli.recipe import default_value, field_help, load_recipe, parse_assignments, recipe_field
+from qatcli.recipe import load_recipe, parse_assignments
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -89,7 +89,7 @@ GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use fo
 def _gemma3_notice(gguf_name: str, sha256: str) -> str:
     """The NOTICE of the converted gemma3-270m: the required notice, the use restrictions, the source and what
     the conversion changed (checkpoints and exports add a line each, qatcli/notices.py)."""
-    from qatcli import __version__
+    from qatcli.version import __version__
 
     date = datetime.now(timezone.utc).date().isoformat()
     return f"""{GEMMA_NOTICE}

@@ -28,13 +28,13 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from qatcli import __version__
 from qatcli.data.models import ModelRef, resolve_model
 from qatcli.errors import QatcliError
 from qatcli.notices import carry_notices
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, apply_fake_quant
 from qatcli.quant.targets import decoder_blocks, output_head, rule_for, spec_fields, untie_lm_head
+from qatcli.version import __version__
 
 FORMAT = "qatcli-checkpoint"
 FORMAT_VERSION = 2

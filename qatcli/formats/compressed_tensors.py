@@ -33,10 +33,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from qatcli import __version__
 from qatcli.errors import QatcliError
 from qatcli.formats.packing import pack_any
 from qatcli.quant.grid import QuantSpec, default_g_idx
+from qatcli.version import __version__
 
 FORMAT = "compressed-tensors"
 PACK_FORMAT = "pack-quantized"

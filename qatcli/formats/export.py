@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -21,7 +22,6 @@ from qatcli.formats.gptq_format import (
     pack_layer,
     quantization_config,
 )
-from qatcli.notices import carry_notices
 from qatcli.quant.grid import QuantSpec, quantize
 from qatcli.quant.targets import output_head
 from qatcli.report.progress import progress_bar
@@ -40,6 +40,8 @@ class ExportReport:
     specs: dict[str, QuantSpec] = field(default_factory=dict)
     unfused: list[str] = field(default_factory=list)  # layers vLLM fuses (q/k/v, gate/up) that differ in spec
     lm_head: bool = False  # lm_head is packed
+    dense_dtype: str | None = None  # what the unquantized tensors are stored as, where the format decides it
+    details: dict[str, Any] = field(default_factory=dict)  # format-specific facts its serving notes read
 
     @property
     def group_sizes(self) -> list[int]:
@@ -190,7 +192,7 @@ def export_gptq(
     report.files = write_shards(tensors, directory, max_shard_bytes)
     qcfg = quantization_config(spec, report.fmt, meta.get("quantization", {}))
     qcfg["meta"]["qatcli_method"] = meta["method"]
-    qcfg["meta"]["qatcli_base_model"] = _base_model(meta)
+    qcfg["meta"]["qatcli_base_model"] = base_model_name(meta)
     try:
         head: str | None = output_head(model)[0]
     except QatcliError:  # no Linear lm_head: nothing to say about it
@@ -236,12 +238,12 @@ def export_compressed_tensors(
 
     report.files = write_shards(tensors, directory, max_shard_bytes)
     ignore = sorted(n for n, m in modules.items() if isinstance(m, torch.nn.Linear) and n not in layers)
-    provenance = {"method": meta["method"], "base_model": _base_model(meta)}
+    provenance = {"method": meta["method"], "base_model": base_model_name(meta)}
     _write_configs(model, tokenizer, directory, dtype, ct.quantization_config(report.specs, ignore, provenance))
     return report
 
 
-def _base_model(meta: dict) -> str:
+def base_model_name(meta: dict) -> str:
     """What `generated:` data is sampled from: an alias by name, a directory by its path."""
     base = meta["base_model"]
     return base["spec"] if base["kind"] != "local" else base["location"]
@@ -270,23 +272,3 @@ def _write_configs(model: torch.nn.Module, tokenizer, directory: Path, dtype: st
     if model.generation_config is not None:
         model.generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-
-
-def export_model(
-    checkpoint: Path,
-    directory: Path,
-    fmt: str | None = None,
-    dtype: str = "float16",
-    max_shard_bytes: int = 5 * 2**30,
-    v1_clamp_zeros: bool = False,
-) -> ExportReport:
-    """The export in ``fmt``: compressed-tensors, else the GPTQ format (gptq / gptq_v2, chosen by the grid)."""
-    if fmt == ct.FORMAT:
-        if v1_clamp_zeros:
-            raise QatcliError("--v1-clamp-zeros applies to format gptq only, not compressed-tensors")
-        report = export_compressed_tensors(checkpoint, directory, dtype, max_shard_bytes)
-    else:
-        report = export_gptq(checkpoint, directory, fmt, dtype, max_shard_bytes, v1_clamp_zeros)
-    # the licence notices and terms the checkpoint carries from its base model (qatcli/notices.py)
-    carry_notices(checkpoint, directory, f"exported to the {report.fmt} format ({dtype} dense tensors)")
-    return report

@@ -20,9 +20,9 @@ from typing import Any
 
 import torch
 
-from qatcli import __version__
 from qatcli.formats.packing import pack, unpack
 from qatcli.quant.grid import QuantSpec
+from qatcli.version import __version__
 
 FORMATS = ("gptq", "gptq_v2")
 TENSOR_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")

@@ -38,9 +38,10 @@ from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.tasks import check_tasks, evaluate_tasks, flat_task_fields
 from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.errors import Interrupted, QatcliError
+from qatcli.exporters import DEFAULT_FORMAT, format_for
 from qatcli.formats.checkpoint import is_checkpoint, read_meta
-from qatcli.formats.compressed_tensors import FORMAT as COMPRESSED_TENSORS
 from qatcli.formats.packed_model import load_gptq_model
+from qatcli.methods import METHODS
 from qatcli.outputs import atomic_file, write_json_atomic
 from qatcli.pipeline.diagnose import recorded_landscape
 from qatcli.pipeline.export import export_checkpoint
@@ -111,15 +112,15 @@ def _check_inputs(recipe: Recipe, cells: list[Cell]) -> None:
     problems.data(recipe.eval.data, "no evaluation data: set eval.data in the recipe")
     with problems.check():
         check_tasks(recipe.eval)
-    if recipe.export.format == COMPRESSED_TENSORS:
+    if recipe.export.format is not None and format_for(recipe.export.format) is not format_for(DEFAULT_FORMAT):
         problems.add(
             "compare evaluates each cell's GPTQ-format export: leave export.format unset (gptq or gptq_v2), and "
-            "export a chosen cell with qatcli export --format compressed-tensors"
+            f"export a chosen cell with qatcli export --format {recipe.export.format}"
         )
-    if any(c.method == "gptq" or c.init == "gptq" for c in cells):
-        problems.data(recipe.calib.data, "gptq cells need calibration data: set calib.data in the recipe")
-    elif any(c.method == "awq" for c in cells):
-        problems.data(recipe.calib.data, "awq cells need calibration data: set calib.data in the recipe")
+    calibrated = sorted({m for c in cells for m in (c.method, c.init) if m in METHODS and METHODS[m].needs_calibration})
+    if calibrated:
+        names = "/".join(calibrated)
+        problems.data(recipe.calib.data, f"{names} cells need calibration data: set calib.data in the recipe")
     for c in cells:
         if c.method != "qat":
             continue

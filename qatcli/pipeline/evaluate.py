@@ -1,4 +1,5 @@
-"""Perplexity and task accuracy of any mix of full-precision models, qatcli checkpoints and GPTQ-format directories."""
+"""Perplexity and task accuracy of any mix of full-precision models, qatcli checkpoints and exports of any
+registered format (qatcli/exporters)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from qatcli.config import Recipe
 from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
@@ -18,9 +19,8 @@ from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.tasks import check_tasks, evaluate_tasks
 from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.errors import QatcliError
-from qatcli.formats import compressed_tensors
+from qatcli.exporters import detect_format
 from qatcli.formats.checkpoint import base_model_ref, is_checkpoint, load_checkpoint
-from qatcli.formats.packed_model import PackedLinear, load_gptq_model, packed_layer_bytes, read_gptq_config
 from qatcli.pipeline.inputs import Problems
 from qatcli.quant.layer import average_bits, quantized_bytes
 from qatcli.quant.targets import find_targets
@@ -63,36 +63,10 @@ def load_for_eval(spec: str, device: torch.device) -> Loaded:
             "base_model": meta["base_model"]["spec"],
         }
         return Loaded(model, tokenizer, info, base_model_ref(path, meta))
-    if path.is_dir() and read_gptq_config(path) is not None:
-        model, tokenizer, qcfg = load_gptq_model(path, device)
-        packed = [m for m in model.modules() if isinstance(m, PackedLinear)]
-        qmeta = qcfg.get("meta", {})
-        info = {
-            "method": qmeta.get("qatcli_method", "gptq"),
-            "format": qcfg.get("checkpoint_format", qcfg.get("format", "gptq")),
-            "bits": qcfg["bits"],
-            "avg_bits": sum(m.bits * m.in_features * m.out_features for m in packed)
-            / sum(m.in_features * m.out_features for m in packed),
-            "group_size": qcfg.get("group_size"),
-            "sym": qcfg.get("sym"),
-            "weight_bytes": sum(packed_layer_bytes(m) for m in packed),
-            "base_model": qmeta.get("qatcli_base_model"),
-        }
-        return Loaded(model, tokenizer, info, _base_of(info["base_model"]))
-    if path.is_dir() and (ctcfg := compressed_tensors.read_config(path)) is not None:
-        model = compressed_tensors.load_model(path, device)
-        provenance = ctcfg.get("qatcli", {})
-        weights = next(iter(ctcfg["config_groups"].values()))["weights"]
-        info = {
-            "method": provenance.get("method", "unknown"),
-            "format": compressed_tensors.FORMAT,
-            "bits": weights["num_bits"],
-            "group_size": weights["group_size"] or -1,
-            "sym": weights["symmetric"],
-            "weight_bytes": compressed_tensors.packed_bytes(path),
-            "base_model": provenance.get("base_model"),
-        }
-        return Loaded(model, AutoTokenizer.from_pretrained(path), info, _base_of(info["base_model"]))
+    fmt = detect_format(path)
+    if fmt is not None:
+        loaded = fmt.load(path, device)
+        return Loaded(loaded.model, loaded.tokenizer, loaded.info, _base_of(loaded.info.get("base_model")))
     ref = resolve_model(spec)
     model = load_model(ref, device)
     fp16_bytes = sum(m.weight.numel() * 2 for m in find_targets(model, [], []).values())
@@ -117,7 +91,7 @@ def check_eval(recipe: Recipe, models: list[str]) -> None:
     with problems.check():
         check_tasks(recipe.eval)
     for spec in models:
-        if not is_checkpoint(Path(spec)) and read_gptq_config(Path(spec)) is None:
+        if not is_checkpoint(Path(spec)) and detect_format(Path(spec)) is None:
             problems.model(spec, "")
     problems.raise_if_any()
 

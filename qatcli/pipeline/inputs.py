@@ -52,12 +52,17 @@ class Problems:
             check_data_spec(spec)
 
     def output(
-        self, path: str | Path | None, force: bool, missing: str, inputs: tuple[str | Path | None, ...] = ()
+        self,
+        path: str | Path | None,
+        force: bool,
+        missing: str,
+        inputs: tuple[str | Path | None, ...] = (),
+        kind: str = "directory",
     ) -> None:
-        """An output directory that can be written, and is not (inside) one of the local ``inputs``."""
+        """An output (a directory, or a file) that can be written, and is not (inside) one of the local ``inputs``."""
         if path is None:
             self.add(missing)
             return
         local = tuple(Path(p) for p in inputs if p is not None and Path(p).exists())
         with self.check():
-            check_output(Path(path), force, "directory", local)
+            check_output(Path(path), force, kind, local)

@@ -16,9 +16,8 @@ from typing import Any
 
 from qatcli.config import Recipe
 from qatcli.errors import QatcliError
+from qatcli.methods import METHODS
 from qatcli.recipe import as_list, flatten, load_recipe
-
-PTQ_CELL_METHODS = ("rtn", "gptq", "awq")
 
 
 @dataclass(frozen=True)
@@ -111,7 +110,7 @@ def cell_recipe(base: Recipe, cell: Cell, directory: Path) -> Recipe:
     )
     if cell.dynamic is not None:
         values["quant.dynamic"] = cell.dynamic
-    if cell.method in PTQ_CELL_METHODS:
+    if cell.method in METHODS:
         values["quant.method"] = cell.method
     else:
         values.update({"qat.estimator": cell.estimator, "qat.init": cell.init, "qat.steps": cell.steps})
@@ -134,10 +133,10 @@ def checkpoint_key(recipe: Recipe, cell: Cell) -> dict[str, Any]:
     if cell.method == "qat":
         del quant["method"]
         key["qat"] = d["qat"]
-    if cell.method == "gptq" or (cell.method == "qat" and cell.init == "gptq"):
-        key["calib"], key["gptq"] = d["calib"], d["gptq"]
-    if cell.method == "awq":
-        key["calib"], key["awq"] = d["calib"], d["awq"]
+    # the sections of the method the checkpoint comes from: the cell's own, or for qat the method it starts from
+    source = cell.method if cell.method in METHODS else cell.init
+    if source in METHODS:
+        key |= {section: d[section] for section in METHODS[source].checkpoint_sections()}
     return key
 
 

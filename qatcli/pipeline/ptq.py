@@ -18,20 +18,14 @@ from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.sources import calibration_windows
 from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.formats.checkpoint import provenance, save_checkpoint
+from qatcli.methods import PTQMethod, Quantized, get_method
 from qatcli.outputs import atomic_dir
 from qatcli.pipeline.inputs import Problems
-from qatcli.quant.awq import AWQStats, quantize_awq
-from qatcli.quant.gptq_model import GPTQStats, quantize_gptq
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, average_bits, fake_quantized, quantized_bytes
-from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import find_targets, plan_quantization, spec_fields, untie_lm_head
 from qatcli.report.progress import stderr_console
 from qatcli.runtime import keeping_peak_memory, peak_memory_mib, resolve_device, seed_everything, start_peak_memory
-
-# Methods that walk the model one decoder block at a time (qatcli/quant/walk.py): the model loads on the CPU, only
-# the block being worked on (and the layers outside the blocks) goes to the device, and the model ends on the CPU.
-WALKING_METHODS = ("gptq", "awq")
 
 
 @dataclass
@@ -110,22 +104,17 @@ def _calibration(recipe: Recipe, source: TokenSource) -> torch.Tensor:
     return calibration_windows(source.tokens(c.data, "calib"), c.nsamples, c.seqlen, recipe.seed, source.bos)
 
 
-def gptq_layers(
-    recipe: Recipe, base: Base, source: TokenSource, device: torch.device
-) -> tuple[dict[str, LayerQuant], GPTQStats]:
-    """GPTQ with the recipe's calibration windows and options."""
-    windows = _calibration(recipe, source)
-    with keeping_peak_memory(device):
-        return quantize_gptq(base.model, base.targets, base.specs, recipe.gptq, recipe.quant.clip, windows, device)
+def model_device_for(method: PTQMethod, device: torch.device) -> torch.device:
+    """Where the model loads for ``method``: the CPU for methods that walk it a decoder block at a time (only the
+    block being worked on goes to ``device``, and the model ends on the CPU), else ``device``."""
+    return torch.device("cpu") if method.walks else device
 
 
-def awq_layers(
-    recipe: Recipe, base: Base, source: TokenSource, device: torch.device
-) -> tuple[dict[str, LayerQuant], AWQStats]:
-    """AWQ with the recipe's calibration windows and options; folds the scales into ``base.model``."""
-    windows = _calibration(recipe, source)
+def run_method(method: PTQMethod, recipe: Recipe, base: Base, source: TokenSource, device: torch.device) -> Quantized:
+    """``method`` on the base model's targets, with the recipe's calibration windows where it needs them."""
+    windows = _calibration(recipe, source) if method.needs_calibration else None
     with keeping_peak_memory(device):
-        return quantize_awq(base.model, base.targets, base.specs, recipe.awq, recipe.quant.clip, windows, device)
+        return method.quantize(recipe, base.model, base.targets, base.specs, windows, device)
 
 
 def calibration_metrics(recipe: Recipe) -> dict[str, Any]:
@@ -139,10 +128,11 @@ def check_ptq(recipe: Recipe, force: bool) -> ModelRef:
     ref = problems.model(recipe.model, "give MODEL on the command line or set 'model' in the recipe")
     missing = "no output directory: pass -o DIR or set 'output' in the recipe"
     problems.output(recipe.output, force, missing, inputs=(recipe.model,))
-    method = recipe.quant.method
-    if method in ("gptq", "awq"):
+    method = get_method(recipe.quant.method)
+    if method.needs_calibration:
         problems.data(
-            recipe.calib.data, f"{method} needs calibration data: pass --calib-data or set calib.data in the recipe"
+            recipe.calib.data,
+            f"{method.name} needs calibration data: pass --calib-data or set calib.data in the recipe",
         )
     if recipe.eval.data is not None:
         problems.data(recipe.eval.data, "")
@@ -176,35 +166,16 @@ def make_ptq_checkpoint(recipe: Recipe, force: bool) -> Made:
 
     t0 = time.perf_counter()
     q = recipe.quant
-    base = load_base(recipe, ref, torch.device("cpu") if q.method in WALKING_METHODS else device)
+    method = get_method(q.method)
+    base = load_base(recipe, ref, model_device_for(method, device))
     source = TokenSource(base.tokenizer, ref, recipe.seed, device, window_bos(base.model, base.tokenizer))
     load_seconds = time.perf_counter() - t0
 
-    quantization: dict[str, Any] = {**quantization_meta(recipe, base), "clip": q.clip}
-    extra: dict[str, Any] = {}
     t0 = time.perf_counter()
-    if q.method == "gptq":
-        layers, stats = gptq_layers(recipe, base, source, device)
-        quantization.update(recipe.gptq.quantization_fields())
-        extra = {
-            "calibration": calibration_metrics(recipe),
-            "gptq_loss": sum(stats.loss.values()),
-            "damp_raised": stats.damp_raised,
-            "quantize_peak_cuda_mib": None if stats.peak_cuda_mib is None else round(stats.peak_cuda_mib, 1),
-        }
-    elif q.method == "awq":
-        layers, awq = awq_layers(recipe, base, source, device)
-        quantization.update(recipe.awq.quantization_fields())
-        extra = {
-            "calibration": calibration_metrics(recipe),
-            "awq_alpha": awq.alpha,
-            "awq_loss": sum(awq.loss.values()),
-            "awq_rtn_loss": sum(awq.rtn_loss.values()),
-            "awq_skipped": awq.skipped,
-            "quantize_peak_cuda_mib": None if awq.peak_cuda_mib is None else round(awq.peak_cuda_mib, 1),
-        }
-    else:
-        layers = quantize_rtn(base.targets, base.specs, q.clip)
+    made = run_method(method, recipe, base, source, device)
+    layers = made.layers
+    quantization: dict[str, Any] = {**quantization_meta(recipe, base), "clip": q.clip, **made.fields}
+    extra = {**({"calibration": calibration_metrics(recipe)} if method.needs_calibration else {}), **made.metrics}
     metrics: dict[str, Any] = {
         "load_seconds": round(load_seconds, 3),
         "quantize_seconds": round(time.perf_counter() - t0, 3),

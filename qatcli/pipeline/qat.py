@@ -29,7 +29,6 @@ from qatcli.data.models import load_model, resolve_model
 from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.sources import TrainBatches, calibration_windows
 from qatcli.data.tokens import TokenSource, window_bos
-from qatcli.diagnose.recording import LandscapeRecorder
 from qatcli.errors import Interrupted, QatcliError, TrainingDiverged
 from qatcli.formats.checkpoint import (
     base_model_ref,
@@ -39,17 +38,18 @@ from qatcli.formats.checkpoint import (
     read_meta,
     save_checkpoint,
 )
+from qatcli.methods import METHODS, get_method, init_names
 from qatcli.outputs import atomic_dir, write_json_atomic
 from qatcli.pipeline.inputs import Problems
 from qatcli.pipeline.ptq import (
-    WALKING_METHODS,
     Base,
     Made,
     base_meta,
     evaluate_layers,
-    gptq_layers,
     load_base,
+    model_device_for,
     quantization_meta,
+    run_method,
 )
 from qatcli.pipeline.resume import check_resumed_run, record_run
 from qatcli.qat.block import BLOCK_METRICS_FILE, BlockReport, block_records, saved_blocks, train_blocks
@@ -66,15 +66,14 @@ from qatcli.qat.estimators import make_estimator
 from qatcli.qat.fake_quant import convert_qat, prepare_qat, quantized_weights
 from qatcli.qat.frozen import lower_frozen, restore_frozen
 from qatcli.qat.losses import model_ce_loss
+from qatcli.qat.recording import LandscapeRecorder
 from qatcli.qat.trainer import METRICS_FILE, InterruptedAtStep, Trainer, has_state
 from qatcli.quant.layer import LayerQuant, apply_fake_quant, average_bits, quantized_bytes
-from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import plan_quantization, spec_fields
 from qatcli.recipe import lowest_bits
 from qatcli.report.progress import stderr_console
 from qatcli.runtime import keep_freed_memory, peak_memory_mib, resolve_device, seed_everything, start_peak_memory
 
-INITS = ("fp", "rtn", "gptq")
 BEFORE_FILE = "before.json"
 AFTER_BLOCKS_FILE = "after_blocks.json"
 
@@ -91,8 +90,8 @@ def can_resume(output: Path) -> bool:
 
 def check_init(init: str, what: str) -> None:
     """``what`` names the setting in the message: --init, or a compare cell's init."""
-    if init not in INITS and not is_checkpoint(Path(init)):
-        raise QatcliError(f"{what} must be fp, rtn, gptq or a qatcli checkpoint, got '{init}'")
+    if init not in init_names() and not is_checkpoint(Path(init)):
+        raise QatcliError(f"{what} must be {', '.join(init_names())} or a qatcli checkpoint, got '{init}'")
 
 
 def check_qat(recipe: Recipe, force: bool, resume: bool) -> None:
@@ -106,20 +105,20 @@ def check_qat(recipe: Recipe, force: bool, resume: bool) -> None:
         if resume and not can_resume(out):
             problems.add(f"nothing to resume: no saved state in '{run_dir(out)}'")
         if not resume:
-            problems.output(out, force, "", inputs=(recipe.model, None if t.init in INITS else t.init))
+            problems.output(out, force, "", inputs=(recipe.model, None if t.init in init_names() else t.init))
             if run_dir(out).exists() and not force:
                 problems.add(
                     f"an unfinished run is in '{run_dir(out)}': pass --resume to continue it or --force to start over"
                 )
     with problems.check():
         check_init(t.init, "--init")
-        if t.init not in INITS:
+        if t.init not in init_names():
             read_meta(Path(t.init))
-    if t.init in INITS:
+    if t.init in init_names():
         problems.model(recipe.model, "give MODEL on the command line or set 'model' in the recipe")
     problems.data(t.data, "no training data: pass --data or set qat.data in the recipe")
-    if t.init == "gptq":
-        problems.data(recipe.calib.data, "--init gptq needs calibration data: pass --calib-data or set calib.data")
+    if t.init in METHODS and METHODS[t.init].needs_calibration:
+        problems.data(recipe.calib.data, f"--init {t.init} needs calibration data: pass --calib-data or set calib.data")
     if recipe.eval.data is not None:
         problems.data(recipe.eval.data, "")
     with problems.check():
@@ -139,21 +138,18 @@ def _initial_model(recipe: Recipe, device: torch.device, load_device: torch.devi
     """The model with latent weights and grid to start from, and the token source of the run. The model loads on
     ``load_device``: the CPU where only parts of it go to ``device`` at a time (FSDP's shards); GPTQ's walk
     loads it on the CPU and leaves it there."""
-    q, init = recipe.quant, recipe.qat.init
-    if init not in INITS:
+    init = recipe.qat.init
+    if init not in init_names():
         model, tokenizer, meta, layers = load_checkpoint(Path(init), load_device, fake_quant=False)
         targets = {name: model.get_submodule(name) for name in layers}
         base = _init_checkpoint_base(recipe, Path(init), meta, model, tokenizer, layers, targets)
         return base, layers, TokenSource(tokenizer, base.ref, recipe.seed, device, window_bos(model, tokenizer))
-    walks = init in WALKING_METHODS
-    base = load_base(recipe, resolve_model(str(recipe.model)), torch.device("cpu") if walks else load_device)
+    method = get_method("rtn" if init == "fp" else init)  # fp starts from the full-precision weights on RTN's grid
+    base = load_base(recipe, resolve_model(str(recipe.model)), model_device_for(method, load_device))
     source = TokenSource(base.tokenizer, base.ref, recipe.seed, device, window_bos(base.model, base.tokenizer))
-    if init == "gptq":
-        layers, _ = gptq_layers(recipe, base, source, device)
-    else:
-        layers = quantize_rtn(base.targets, base.specs, q.clip)
-        if init == "rtn":
-            apply_fake_quant(base.model, layers)  # latent weights start on their grid points
+    layers = run_method(method, recipe, base, source, device).layers
+    if init != "fp" and method.keeps_fp_weights:
+        apply_fake_quant(base.model, layers)  # latent weights start on their grid points
     return base, layers, source
 
 
@@ -254,7 +250,7 @@ def _teacher(recipe: Recipe, base: Base, device: torch.device) -> nn.Module:
 def _initial_weights(recipe: Recipe, base: Base) -> nn.Module:
     """The model training started from, fp32 on the CPU, where the frozen parts come back from (qat.frozen_dtype)."""
     init = recipe.qat.init
-    if init in INITS:  # RTN and GPTQ change the quantized layers alone
+    if init in init_names():  # the methods QAT starts from change the quantized layers alone
         return load_model(base.ref, torch.device("cpu"))
     return load_checkpoint(Path(init), torch.device("cpu"), fake_quant=False)[0]
 

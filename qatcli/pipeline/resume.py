@@ -17,10 +17,10 @@ from typing import Any
 
 import torch
 
-from qatcli.config import Recipe
+from qatcli.config import Recipe, default_value, shown_value
 from qatcli.errors import QatcliError
 from qatcli.outputs import write_json_atomic
-from qatcli.recipe import default_value, flatten, shown_value
+from qatcli.recipe import flatten
 
 RUN_RECORD_FILE = "run.json"
 MAY_CHANGE = (

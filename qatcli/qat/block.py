@@ -28,12 +28,12 @@ import torch
 from torch import nn
 
 from qatcli.config import QATConfig
-from qatcli.diagnose.recording import LandscapeRecorder
 from qatcli.errors import TrainingDiverged
 from qatcli.outputs import atomic_file, write_json_atomic
 from qatcli.qat.distributed import Distributed
 from qatcli.qat.estimators import Estimator, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, convert_qat, prepare_qat, quantized_weights
+from qatcli.qat.recording import LandscapeRecorder
 from qatcli.quant.layer import LayerQuant, apply_fake_quant
 from qatcli.quant.walk import HOME, BlockWalk, run_block
 from qatcli.report.progress import progress_bar
