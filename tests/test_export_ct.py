@@ -224,7 +224,7 @@ def test_export_command_writes_warns_and_keeps_outputs(tiny_model_dir: Path, tmp
     bad = run_cli("export", str(four), "-o", str(tmp_path / "bad"), "--format", "compressed_tensors")
     assert bad.returncode == 2 and not (tmp_path / "bad").exists()
     assert bad.stderr.strip().splitlines() == [
-        "qatcli: error: recipe: export.format must be one of gptq, gptq_v2, compressed-tensors, "
+        "qatcli: error: recipe: export.format must be one of gptq, gptq_v2, compressed-tensors, gguf, "
         "got 'compressed_tensors'"
     ]
 

@@ -3,7 +3,6 @@ errors gathered before any work, a real SIGINT, and the import structure (no com
 
 from __future__ import annotations
 
-import ast
 import json
 import os
 import random
@@ -20,8 +19,6 @@ from safetensors.torch import load_file
 from test_qat import qat_args
 
 from qatcli.config import Recipe
-
-ROOT = Path(__file__).resolve().parents[1] / "qatcli"
 
 
 def qat_cmd(model: Path, sotu: Path, out: Path, *extra: str) -> list[str]:
@@ -103,49 +100,6 @@ def test_sigint_finishes_the_step_and_resume_equals_an_uninterrupted_run(
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     records = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert records == list(range(1, int(steps) + 1))  # each step once, across the interruption
-
-
-def _imports(path: Path) -> set[str]:
-    """Modules of qatcli imported at module level, type-checking imports included."""
-    found = set()
-    body = ast.parse(path.read_text()).body
-    for node in body:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            body.extend(node.body)
-    for node in body:
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("qatcli"):
-            found.add(node.module)
-        elif isinstance(node, ast.Import):
-            found.update(a.name for a in node.names if a.name.startswith("qatcli"))
-    return found
-
-
-def _module_name(path: Path) -> str:
-    parts = path.relative_to(ROOT.parent).with_suffix("").parts
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def test_no_command_imports_another_and_modules_form_no_cycle() -> None:
-    graph = {_module_name(p): _imports(p) for p in ROOT.rglob("*.py")}
-    for name, deps in graph.items():
-        if name.startswith("qatcli.commands."):
-            assert not any(d.startswith("qatcli.commands") for d in deps), f"{name} imports a command"
-        if not name.startswith(("qatcli.commands", "qatcli.cli")):
-            assert not any(d.startswith("qatcli.commands") for d in deps), f"{name} imports from commands"
-    state: dict[str, int] = {}
-
-    def visit(node: str, path: list[str]) -> None:
-        state[node] = 1
-        for dep in graph.get(node, set()):
-            dep = dep if dep in graph else dep.rpartition(".")[0]
-            assert state.get(dep) != 1, "import cycle: " + " -> ".join([*path, node, dep])
-            if dep in graph and dep not in state:
-                visit(dep, [*path, node])
-        state[node] = 2
-
-    for module in graph:
-        if module not in state:
-            visit(module, [])
 
 
 def test_the_design_card_commands_run_as_typed(tiny_model_dir: Path, tmp_path: Path) -> None:

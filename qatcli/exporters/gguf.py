@@ -104,6 +104,29 @@ def _run_builder(work: Path, out: Path) -> dict[str, Any]:
     return json.loads((work / "report.json").read_text())
 
 
+def _int_or_none(value: str | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def dense_gguf(model_dir: Path, base_model: str, out: Path, dense: str = "f16") -> dict[str, Any]:
+    """A GGUF of a full-precision model directory, every weight in ``dense`` (f32, f16 or bf16), with the
+    provenance keys `qatcli eval` reads: the file llama.cpp's own quantizer starts from in the comparisons."""
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as tmp:
+        work = Path(tmp)
+        (work / "model").symlink_to(Path(model_dir).resolve())
+        from safetensors.torch import save_file
+
+        save_file({}, str(work / "layers.safetensors"))
+        plan = {
+            "layers": {},
+            "dense": dense,
+            "embedding": dense,
+            "metadata": {"version": __version__, "method": "fp", "base_model": base_model},
+        }
+        (work / "plan.json").write_text(json.dumps(plan))
+        return _run_builder(work, out)
+
+
 @register
 class GGUFFormat(ExportFormat):
     name = "gguf"
@@ -162,30 +185,31 @@ class GGUFFormat(ExportFormat):
             return f.read(4) == GGUF_MAGIC
 
     def load(self, path: Path, device: torch.device) -> LoadedExport:
+        from qatcli.data.models import load_tokenizer, resolve_model
         from qatcli.exporters.llama_cpp_model import LlamaCppModel
+        from qatcli.formats.gguf_file import read_gguf
 
-        model = LlamaCppModel(path)
-        meta = model.metadata
+        meta, tensors = read_gguf(path)
         base = meta.get("qatcli.base_model")
         if base is None:
             raise QatcliError(
                 f"'{path}' was not written by qatcli export (no qatcli.base_model): evaluating it needs the "
                 "tokenizer of the model it came from"
             )
-        from qatcli.data.models import load_tokenizer, resolve_model
-
-        tokenizer = load_tokenizer(resolve_model(base))
-        sym = meta.get("qatcli.sym")
+        model = LlamaCppModel(path, str(meta.get("general.architecture", "")))
+        blocks = {t.ggml_type: t.name for t in BLOCK_TYPES.values()}
+        kinds = sorted({blocks[t.ggml_type] for t in tensors.values() if t.ggml_type in blocks})
         info = {
             "method": meta.get("qatcli.method", "unknown"),
-            "format": f"gguf {model.file_type}",
-            "bits": int(meta["qatcli.bits"]) if "qatcli.bits" in meta else None,
-            "group_size": int(meta["qatcli.group_size"]) if "qatcli.group_size" in meta else None,
-            "sym": None if sym is None else sym == "True",
-            "weight_bytes": path.stat().st_size,
+            "format": f"gguf {'+'.join(kinds) or 'dense'}",
+            "bits": _int_or_none(meta.get("qatcli.bits")),
+            "group_size": _int_or_none(meta.get("qatcli.group_size")),
+            "sym": None if "qatcli.sym" not in meta else meta["qatcli.sym"] == "True",
+            "weight_bytes": sum(t.nbytes for t in tensors.values() if t.ggml_type in blocks),
+            "file_bytes": path.stat().st_size,
             "base_model": base,
         }
-        return LoadedExport(model, tokenizer, info)
+        return LoadedExport(model, load_tokenizer(resolve_model(base)), info)
 
     def serving_notes(self, report: ExportReport) -> list[str]:
         notes = []

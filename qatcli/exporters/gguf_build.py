@@ -115,7 +115,12 @@ def build(model_dir: Path, layers_file: Path, plan: dict[str, Any], out: Path) -
     writer = gguf.GGUFWriter(out, arch=arch)
     _copy_metadata(reader, writer, gguf)
     types = sorted({t.name for _, t in quantized.values()})
-    file_type = BLOCK_TYPES[types[0]].file_type if len(types) == 1 else gguf.LlamaFileType.GUESSED
+    if not types:  # a full-precision model
+        file_type = {"f32": gguf.LlamaFileType.ALL_F32, "bf16": gguf.LlamaFileType.MOSTLY_BF16}.get(
+            plan["dense"], gguf.LlamaFileType.MOSTLY_F16
+        )
+    else:
+        file_type = BLOCK_TYPES[types[0]].file_type if len(types) == 1 else gguf.LlamaFileType.GUESSED
     writer.add_file_type(int(file_type))
     for key, value in plan["metadata"].items():
         writer.add_string(f"qatcli.{key}", str(value))

@@ -19,8 +19,6 @@ from torch import nn
 
 from qatcli.errors import QatcliError
 
-FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 32: "BF16", 41: "Q2_0"}
-
 
 def _llama_class() -> Any:
     try:
@@ -31,18 +29,17 @@ def _llama_class() -> Any:
 
 
 class LlamaCppModel(nn.Module):
-    """llama.cpp's model of ``path``, on the CPU with torch's thread count (OMP_NUM_THREADS)."""
+    """llama.cpp's model of ``path`` (a model of ``architecture``, which decides whether windows start with BOS),
+    on the CPU with torch's thread count (OMP_NUM_THREADS)."""
 
-    def __init__(self, path: Path, threads: int | None = None) -> None:
+    def __init__(self, path: Path, architecture: str, threads: int | None = None) -> None:
         super().__init__()
         self.path = Path(path)
         self.threads = threads or int(os.environ.get("OMP_NUM_THREADS", 0)) or torch.get_num_threads()
         self._llama: Any = None
         self._context = 0
-        probe = self._open(64)
-        self.metadata: dict[str, str] = dict(probe.metadata)
-        self.file_type = FILE_TYPES.get(int(self.metadata.get("general.file_type", -1)), "mixed")
-        self.config = SimpleNamespace(model_type=self.metadata.get("general.architecture", ""))
+        self._open(64)  # a file llama.cpp refuses is refused now, not at the first window
+        self.config = SimpleNamespace(model_type=architecture)
 
     def _open(self, context: int) -> Any:
         """The llama.cpp context, made anew only where a window is longer than the current one holds."""
