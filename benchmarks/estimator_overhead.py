@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from qatcli.config import JacobianConfig, QATConfig, QuantConfig
-from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.data.sources import TrainBatches, read_texts, tokenize_texts
+from qatcli.models.loading import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.qat.estimators import Estimator, LayerEstimator, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, prepare_qat
 from qatcli.qat.losses import model_ce_loss

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from qatcli.data.models import load_model, resolve_model
+from qatcli.models.loading import load_model, resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import REPO, TEST_DATA, machine, publish

@@ -29,9 +29,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import REPO, TEST_DATA, TRAIN_DATA, machine, publish
 
-from qatcli.data.models import resolve_model
 from qatcli.data.sources import read_texts
 from qatcli.exporters.gguf import dense_gguf
+from qatcli.models.loading import resolve_model
 
 TYPES = ("q2_0", "q4_0", "q8_0")
 # The code domain: a fixed list of the running Python's standard-library sources.

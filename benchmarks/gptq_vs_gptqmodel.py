@@ -28,8 +28,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from qatcli.data.models import load_tokenizer, resolve_model
 from qatcli.data.sources import calibration_windows, eval_windows, read_texts, tokenize_texts
+from qatcli.models.loading import load_tokenizer, resolve_model
 
 sys.path.insert(0, str(Path(__file__).parent))
 from common import REPO, TEST_DATA, TRAIN_DATA, machine, publish

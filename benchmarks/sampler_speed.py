@@ -24,7 +24,7 @@ import torch
 from common import machine, publish
 
 from qatcli.data.generated import first_tokens, native_bfloat16, sample_sequences
-from qatcli.data.models import leading_bos, load_model, load_tokenizer, resolve_model
+from qatcli.models.loading import leading_bos, load_model, load_tokenizer, resolve_model
 
 
 @torch.no_grad()

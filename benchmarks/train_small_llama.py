@@ -21,8 +21,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from qatcli.data.perplexity import perplexity
 from qatcli.data.sources import TrainBatches, eval_windows, read_texts, tokenize_texts
+from qatcli.evaluation.perplexity import perplexity
 from qatcli.outputs import atomic_dir
 from qatcli.report.progress import progress_bar
 

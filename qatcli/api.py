@@ -22,10 +22,11 @@ from qatcli.config import Recipe
 from qatcli.errors import QatcliError
 from qatcli.flags import COMMAND_KEYS
 from qatcli.methods import method_names
+from qatcli.pipeline.base import Made
 from qatcli.pipeline.compare import Comparison, compare_matrix
 from qatcli.pipeline.evaluate import evaluate_models
 from qatcli.pipeline.export import export_checkpoint
-from qatcli.pipeline.ptq import Made, make_ptq_checkpoint
+from qatcli.pipeline.ptq import make_ptq_checkpoint
 from qatcli.pipeline.qat import train_qat
 from qatcli.recipe import flatten, load_recipe
 

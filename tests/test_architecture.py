@@ -11,10 +11,12 @@ ROOT = Path(__file__).resolve().parent.parent / "qatcli"
 # Lowest first. A package (or top-level module) may import its own package and the layers strictly below.
 LAYERS: list[set[str]] = [
     {"errors", "version"},
-    {"config", "flags", "notices", "outputs", "runtime"},
+    {"config", "flags", "notices", "outputs", "progress", "run_layout", "runtime"},
     {"report"},
     {"quant"},
-    {"data", "methods"},
+    {"models", "methods"},
+    {"data"},
+    {"evaluation"},
     {"qat", "formats"},
     {"diagnose", "exporters"},
     {"recipe"},
@@ -79,6 +81,12 @@ def test_quant_and_qat_import_no_format_pipeline_command_or_cli() -> None:
     for module, deps in GRAPH.items():
         if _unit(module) in ("quant", "qat"):
             assert not [d for d in deps if _unit(d) in forbidden], module
+
+
+def test_algorithms_report_progress_through_the_callback_not_the_console() -> None:
+    for module, deps in GRAPH.items():
+        if _unit(module) in ("quant", "qat", "models", "data", "evaluation", "formats", "methods"):
+            assert not [d for d in deps if _unit(d) == "report"], f"{module} imports report/: use qatcli.progress"
 
 
 def test_no_import_cycle_between_modules() -> None:

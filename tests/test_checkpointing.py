@@ -22,10 +22,11 @@ from qatcli.qat.checkpointing import checkpointed_blocks
 from qatcli.qat.estimators import Estimator, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, prepare_qat
 from qatcli.qat.losses import StudentLoss
-from qatcli.qat.trainer import METRICS_FILE, Trainer
+from qatcli.qat.trainer import Trainer
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.rtn import quantize_rtn
 from qatcli.quant.targets import find_targets
+from qatcli.run_layout import METRICS_FILE
 
 CPU = torch.device("cpu")
 VOCAB = 300

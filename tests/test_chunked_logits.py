@@ -1,4 +1,4 @@
-"""Perplexity and the QAT losses make the logits a chunk of tokens at a time (qatcli/data/head.py): the same
+"""Perplexity and the QAT losses make the logits a chunk of tokens at a time (qatcli/evaluation/head.py): the same
 values as the whole-batch formulas, for Llama, for Gemma 3 (tied, soft-capped), for a model whose forward scales
 its logits (detected, whole logits), for a fake-quantized lm_head; and no [batch, seqlen, vocab] tensor."""
 

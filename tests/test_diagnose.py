@@ -13,11 +13,11 @@ import torch
 from conftest import run_cli
 from test_cli import assert_one_line_error
 
-from qatcli.data.models import load_model, load_tokenizer, resolve_model
 from qatcli.data.sources import TrainBatches
 from qatcli.data.tokens import TokenSource
 from qatcli.diagnose.geometry import hessian_distance, inward_component, segment_profile
 from qatcli.formats.checkpoint import load_checkpoint
+from qatcli.models.loading import load_model, load_tokenizer, resolve_model
 from qatcli.qat.losses import ce_loss
 
 CPU = torch.device("cpu")

@@ -17,10 +17,10 @@ from conftest import run_cli
 from test_cli import assert_one_line_error
 from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
 
-from qatcli.data.gguf_gemma3 import convert_gemma3_gguf, hf_name
 from qatcli.data.sources import eval_windows
 from qatcli.data.tokens import window_bos
 from qatcli.errors import QatcliError
+from qatcli.models.gguf_gemma3 import convert_gemma3_gguf, hf_name
 from qatcli.notices import carry_notices
 from qatcli.quant.targets import find_targets, resolve_group_size
 

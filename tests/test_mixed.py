@@ -383,7 +383,8 @@ def test_bad_rules_are_one_line_errors(tiny_model_dir: Path, sotu: Path, tmp_pat
 
 def test_rules_survive_recipes_of_cells_and_runs_made_before_them(tmp_path: Path) -> None:
     from qatcli.pipeline.matrix import Cell, cell_recipe, checkpoint_key
-    from qatcli.pipeline.resume import RUN_RECORD_FILE, check_resumed_run, tokens_sha256
+    from qatcli.pipeline.resume import check_resumed_run, tokens_sha256
+    from qatcli.run_layout import RUN_RECORD_FILE
 
     rules = {r"\.layers\.(0|29)\.": {"bits": 4}}
     recipe = load_recipe(None, {"model": "m", "quant.dynamic": rules})

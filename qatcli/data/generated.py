@@ -23,11 +23,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import PreTrainedTokenizerBase, StaticCache
 
-from qatcli.data.models import ModelRef, cache_root, leading_bos, load_model, load_tokenizer
 from qatcli.data.sources import GeneratedSpec, Purpose
 from qatcli.errors import QatcliError
+from qatcli.models.loading import ModelRef, cache_root, leading_bos, load_model, load_tokenizer
 from qatcli.outputs import atomic_dir
-from qatcli.report.progress import progress_bar
+from qatcli.progress import progress_bar
 
 HELD_OUT_EVERY = 5
 GREEDY_PREFIX = 3

@@ -7,9 +7,9 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qatcli.data.generated import generated_tokens
-from qatcli.data.models import ModelRef, gemma_family
 from qatcli.data.sources import Purpose, parse_generated, read_texts, tokenize_texts
 from qatcli.errors import QatcliError
+from qatcli.models.loading import ModelRef, gemma_family
 
 
 def window_bos(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> int | None:

@@ -185,9 +185,9 @@ class GGUFFormat(ExportFormat):
             return f.read(4) == GGUF_MAGIC
 
     def load(self, path: Path, device: torch.device) -> LoadedExport:
-        from qatcli.data.models import load_tokenizer, resolve_model
         from qatcli.exporters.llama_cpp_model import LlamaCppModel
         from qatcli.formats.gguf_file import read_gguf
+        from qatcli.models.loading import load_tokenizer, resolve_model
 
         meta, tensors = read_gguf(path)
         base = meta.get("qatcli.base_model")

@@ -16,8 +16,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from qatcli.data.models import cache_root
 from qatcli.errors import QatcliError
+from qatcli.models.loading import cache_root
 from qatcli.outputs import atomic_dir
 
 LLAMA_CPP_PYTHON = "0.3.36"

@@ -1,6 +1,6 @@
 """A GGUF file run by llama.cpp (llama-cpp-python), as a module whose forward gives every position's logits.
 
-qatcli's perplexity (qatcli/data/perplexity.py) calls ``model(ids).logits`` on windows of token ids; here each
+qatcli's perplexity (qatcli/evaluation/perplexity.py) calls ``model(ids).logits`` on windows of token ids; here each
 window goes through llama.cpp's own evaluation, so the numbers are the engine's, not a re-implementation's.
 llama.cpp quantizes activations to 8 bits for its quantized dot products, so its logits differ slightly from
 a float32 forward of the same weights.

@@ -28,8 +28,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from qatcli.data.models import ModelRef, resolve_model
 from qatcli.errors import QatcliError
+from qatcli.models.loading import ModelRef, resolve_model
 from qatcli.notices import carry_notices
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, apply_fake_quant

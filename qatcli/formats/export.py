@@ -22,9 +22,9 @@ from qatcli.formats.gptq_format import (
     pack_layer,
     quantization_config,
 )
+from qatcli.progress import progress_bar
 from qatcli.quant.grid import QuantSpec, quantize
 from qatcli.quant.targets import output_head
-from qatcli.report.progress import progress_bar
 
 
 @dataclass

@@ -33,15 +33,15 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qatcli.config import Recipe
-from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
-from qatcli.data.perplexity import evaluate_on_data
-from qatcli.data.tasks import check_tasks, evaluate_tasks, flat_task_fields
 from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.errors import Interrupted, QatcliError
+from qatcli.evaluation.perplexity import evaluate_on_data
+from qatcli.evaluation.tasks import check_tasks, evaluate_tasks, flat_task_fields
 from qatcli.exporters import DEFAULT_FORMAT, format_for
 from qatcli.formats.checkpoint import is_checkpoint, read_meta
 from qatcli.formats.packed_model import load_gptq_model
 from qatcli.methods import METHODS
+from qatcli.models.loading import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.outputs import atomic_file, write_json_atomic
 from qatcli.pipeline.diagnose import recorded_landscape
 from qatcli.pipeline.export import export_checkpoint

@@ -19,21 +19,21 @@ import torch
 from torch import nn
 
 from qatcli.config import Recipe
-from qatcli.data.models import load_model, load_tokenizer, resolve_model
-from qatcli.data.perplexity import perplexity
 from qatcli.data.sources import eval_windows
 from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.diagnose.geometry import Point, hessian_distance, inward_component, segment_profile
 from qatcli.errors import QatcliError
+from qatcli.evaluation.perplexity import perplexity
 from qatcli.formats.checkpoint import is_checkpoint, load_checkpoint, read_meta
 from qatcli.formats.packed_model import PackedLinear, load_gptq_model, read_gptq_config
+from qatcli.models.loading import load_model, load_tokenizer, resolve_model
 from qatcli.pipeline.inputs import Problems
-from qatcli.qat.block import BLOCK_METRICS_FILE, block_records
+from qatcli.qat.block import block_records
 from qatcli.qat.losses import model_ce_loss
-from qatcli.qat.trainer import METRICS_FILE
 from qatcli.quant.gptq import HessianAccumulator
 from qatcli.quant.targets import untie_lm_head
 from qatcli.report.progress import progress_bar
+from qatcli.run_layout import BLOCK_METRICS_FILE, METRICS_FILE
 from qatcli.runtime import resolve_device, seed_everything
 
 

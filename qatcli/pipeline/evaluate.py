@@ -14,13 +14,13 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qatcli.config import Recipe
-from qatcli.data.models import ModelRef, load_model, load_tokenizer, resolve_model
-from qatcli.data.perplexity import evaluate_on_data
-from qatcli.data.tasks import check_tasks, evaluate_tasks
 from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.errors import QatcliError
+from qatcli.evaluation.perplexity import evaluate_on_data
+from qatcli.evaluation.tasks import check_tasks, evaluate_tasks
 from qatcli.exporters import detect_format
 from qatcli.formats.checkpoint import base_model_ref, is_checkpoint, load_checkpoint
+from qatcli.models.loading import ModelRef, load_model, load_tokenizer, resolve_model
 from qatcli.pipeline.inputs import Problems
 from qatcli.quant.layer import average_bits, quantized_bytes
 from qatcli.quant.targets import find_targets

@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from qatcli.data.models import ModelRef, resolve_model
 from qatcli.data.sources import check_data_spec
 from qatcli.errors import QatcliError
+from qatcli.models.loading import ModelRef, resolve_model
 from qatcli.outputs import check_output
 
 

@@ -25,11 +25,10 @@ import torch
 from torch import nn
 
 from qatcli.config import Recipe
-from qatcli.data.models import load_model, resolve_model
-from qatcli.data.perplexity import evaluate_on_data
 from qatcli.data.sources import TrainBatches, calibration_windows
 from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.errors import Interrupted, QatcliError, TrainingDiverged
+from qatcli.evaluation.perplexity import evaluate_on_data
 from qatcli.formats.checkpoint import (
     base_model_ref,
     is_checkpoint,
@@ -39,9 +38,9 @@ from qatcli.formats.checkpoint import (
     save_checkpoint,
 )
 from qatcli.methods import METHODS, get_method, init_names
+from qatcli.models.loading import load_model, resolve_model
 from qatcli.outputs import atomic_dir, write_json_atomic
-from qatcli.pipeline.inputs import Problems
-from qatcli.pipeline.ptq import (
+from qatcli.pipeline.base import (
     Base,
     Made,
     base_meta,
@@ -51,8 +50,9 @@ from qatcli.pipeline.ptq import (
     quantization_meta,
     run_method,
 )
+from qatcli.pipeline.inputs import Problems
 from qatcli.pipeline.resume import check_resumed_run, record_run
-from qatcli.qat.block import BLOCK_METRICS_FILE, BlockReport, block_records, saved_blocks, train_blocks
+from qatcli.qat.block import BlockReport, block_records, saved_blocks, train_blocks
 from qatcli.qat.distributed import (
     Distributed,
     distributed_problems,
@@ -67,20 +67,13 @@ from qatcli.qat.fake_quant import convert_qat, prepare_qat, quantized_weights
 from qatcli.qat.frozen import lower_frozen, restore_frozen
 from qatcli.qat.losses import model_ce_loss
 from qatcli.qat.recording import LandscapeRecorder
-from qatcli.qat.trainer import METRICS_FILE, InterruptedAtStep, Trainer, has_state
+from qatcli.qat.trainer import InterruptedAtStep, Trainer, has_state
 from qatcli.quant.layer import LayerQuant, apply_fake_quant, average_bits, quantized_bytes
 from qatcli.quant.targets import plan_quantization, spec_fields
 from qatcli.recipe import lowest_bits
 from qatcli.report.progress import stderr_console
+from qatcli.run_layout import AFTER_BLOCKS_FILE, BEFORE_FILE, BLOCK_METRICS_FILE, METRICS_FILE, run_dir
 from qatcli.runtime import keep_freed_memory, peak_memory_mib, resolve_device, seed_everything, start_peak_memory
-
-BEFORE_FILE = "before.json"
-AFTER_BLOCKS_FILE = "after_blocks.json"
-
-
-def run_dir(output: Path) -> Path:
-    """Where an unfinished run of ``output`` keeps its state."""
-    return output.with_name(output.name + ".run")
 
 
 def can_resume(output: Path) -> bool:

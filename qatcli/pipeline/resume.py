@@ -21,8 +21,8 @@ from qatcli.config import Recipe, default_value, shown_value
 from qatcli.errors import QatcliError
 from qatcli.outputs import write_json_atomic
 from qatcli.recipe import flatten
+from qatcli.run_layout import RUN_RECORD_FILE
 
-RUN_RECORD_FILE = "run.json"
 MAY_CHANGE = (
     *("qat.steps", "qat.save_every", "qat.eval_every", "qat.skip_nonfinite", "qat.parallel", "qat.teacher_device"),
     "qat.gradient_checkpointing",

@@ -30,16 +30,14 @@ from torch import nn
 from qatcli.config import QATConfig
 from qatcli.errors import TrainingDiverged
 from qatcli.outputs import atomic_file, write_json_atomic
+from qatcli.progress import progress_bar
 from qatcli.qat.distributed import Distributed
 from qatcli.qat.estimators import Estimator, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, convert_qat, prepare_qat, quantized_weights
 from qatcli.qat.recording import LandscapeRecorder
 from qatcli.quant.layer import LayerQuant, apply_fake_quant
 from qatcli.quant.walk import HOME, BlockWalk, run_block
-from qatcli.report.progress import progress_bar
-
-BLOCK_STATE_DIR = "blocks"
-BLOCK_METRICS_FILE = "block_metrics.jsonl"  # the records of every block, in a finished checkpoint
+from qatcli.run_layout import BLOCK_STATE_DIR
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from qatcli.report.progress import stderr_console
+from qatcli.progress import notify
 
 
 class _Kernels:
@@ -28,8 +28,8 @@ class _Kernels:
         except Exception as err:  # any compiler failure: the same math runs eagerly below
             self.failed = True
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            stderr_console.print(
-                f"[yellow]warning: fused fake-quantization kernels unavailable ({reason[:160]}); "
+            notify(
+                f"warning: fused fake-quantization kernels unavailable ({reason[:160]}); "
                 "running plain PyTorch (set qat.fused to false to skip the attempt)"
             )
             return fn(*args)

@@ -25,11 +25,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from qatcli.config import QATConfig
 from qatcli.errors import QatcliError
+from qatcli.progress import silence
 from qatcli.qat.fake_quant import FakeQuantLinear
 from qatcli.quant.grid import to_fp16_grid
 from qatcli.quant.layer import LayerQuant, make_layer_quant
 from qatcli.quant.targets import decoder_blocks
-from qatcli.report.progress import stderr_console
 from qatcli.runtime import resolve_device
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -170,7 +170,7 @@ def join(device_name: str, qat: QATConfig) -> tuple[Distributed | None, torch.de
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank()
     if rank != 0:
-        stderr_console.quiet = True
+        silence()
         logging.getLogger().setLevel(logging.WARNING)
     return Distributed(rank, world_size, device, qat.parallel), device
 

@@ -105,7 +105,8 @@ class FakeQuantLinear(nn.Module):
 
     def weight_for(self, x: torch.Tensor) -> torch.Tensor:
         """The weight the forward pass multiplies ``x`` by, in the current mode (the estimator sees ``x`` in
-        "train"). The chunked output head (qatcli/data/head.py) takes lm_head's weight once per batch from here."""
+        "train"). The chunked output head (qatcli/evaluation/head.py) takes lm_head's weight once per batch from
+        here."""
         if self.mode == "latent":
             return self.weight
         if self.mode == "probe":

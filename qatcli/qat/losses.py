@@ -5,7 +5,7 @@ student's logits is softmax(logits) - p. Each chunk's loss and gradient are comp
 pass, so the logits of a chunk (and the teacher's) are freed as soon as its loss is computed.
 
 ``model_ce_loss`` and ``model_kd_loss`` take the model itself: its final hidden states come from one forward pass
-and the output layer is applied to one chunk of tokens at a time (qatcli/data/head.py), its gradient with
+and the output layer is applied to one chunk of tokens at a time (qatcli/evaluation/head.py), its gradient with
 respect to the hidden states (and to lm_head's weight, where that trains) accumulated chunk by chunk, so no
 [tokens, vocab] tensor of the whole batch ever exists. ``ce_loss`` and ``kd_loss`` take logits a forward pass
 already made whole; their gradient with respect to those logits is one buffer of the logits' shape.
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qatcli.data.head import OutputHead, chunk_rows, forward_hidden, head_logits
+from qatcli.evaluation.head import OutputHead, chunk_rows, forward_hidden, head_logits
 
 # (first token, last token + 1, the student's logits of those tokens) -> (summed loss of those tokens,
 # d loss / d logits of those tokens), both fp32

@@ -23,13 +23,11 @@ from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, se
 
 from qatcli.outputs import write_json_atomic
 from qatcli.qat.distributed import Distributed
-
-POINTER_FILE = "state.dcp.json"
-EXTRA_FILE = "extra.pt"
+from qatcli.run_layout import SHARDED_EXTRA_FILE, SHARDED_POINTER_FILE
 
 
 def has_sharded_state(workdir: Path) -> bool:
-    return (workdir / POINTER_FILE).is_file()
+    return (workdir / SHARDED_POINTER_FILE).is_file()
 
 
 def save_sharded(
@@ -50,8 +48,8 @@ def save_sharded(
     group.barrier()
     dcp.save({"trainable": tensors, "optimizer": get_optimizer_state_dict(module, optimizer)}, checkpoint_id=target)
     if group.is_main:
-        torch.save(extra, target / EXTRA_FILE)
-        write_json_atomic(workdir / POINTER_FILE, {"step": step, "dir": name})
+        torch.save(extra, target / SHARDED_EXTRA_FILE)
+        write_json_atomic(workdir / SHARDED_POINTER_FILE, {"step": step, "dir": name})
         for old in workdir.glob("state-*.dcp"):
             if old.name != name:
                 shutil.rmtree(old)
@@ -62,10 +60,10 @@ def load_sharded(
     workdir: Path, tensors: dict[str, torch.Tensor], module: nn.Module, optimizer: torch.optim.Optimizer
 ) -> dict[str, Any]:
     """Load the saved state into ``tensors`` (in place) and ``optimizer``; return the ``extra`` of the save."""
-    target = workdir / json.loads((workdir / POINTER_FILE).read_text())["dir"]
+    target = workdir / json.loads((workdir / SHARDED_POINTER_FILE).read_text())["dir"]
     state = {"trainable": tensors, "optimizer": get_optimizer_state_dict(module, optimizer)}
     with warnings.catch_warnings():  # resuming in one process is meant
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
         dcp.load(state, checkpoint_id=target)
     set_optimizer_state_dict(module, optimizer, state["optimizer"])
-    return torch.load(target / EXTRA_FILE, map_location="cpu", weights_only=False)
+    return torch.load(target / SHARDED_EXTRA_FILE, map_location="cpu", weights_only=False)

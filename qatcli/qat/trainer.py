@@ -25,6 +25,7 @@ from qatcli.config import QATConfig
 from qatcli.data.sources import TrainBatches
 from qatcli.errors import QatcliError, TrainingDiverged
 from qatcli.outputs import atomic_file
+from qatcli.progress import progress_bar
 from qatcli.qat.checkpointing import checkpointed_blocks
 from qatcli.qat.distributed import Distributed, full_value
 from qatcli.qat.estimators import Estimator
@@ -32,10 +33,7 @@ from qatcli.qat.fake_quant import FakeQuantLinear
 from qatcli.qat.losses import StudentLoss
 from qatcli.qat.sharded_state import has_sharded_state, load_sharded, save_sharded
 from qatcli.qat.variance_reduction import GradientCorrection
-from qatcli.report.progress import progress_bar
-
-STATE_FILE = "state.pt"
-METRICS_FILE = "metrics.jsonl"
+from qatcli.run_layout import METRICS_FILE, STATE_FILE
 
 
 def has_state(workdir: Path) -> bool:

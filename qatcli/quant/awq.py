@@ -49,11 +49,11 @@ import torch
 from torch import nn
 
 from qatcli.errors import QatcliError
+from qatcli.progress import progress_bar
 from qatcli.quant.grid import QuantSpec, default_g_idx, fake_quantize, group_qparams
 from qatcli.quant.layer import LayerQuant, fake_quantized, make_layer_quant
 from qatcli.quant.targets import decoder_blocks, per_layer
 from qatcli.quant.walk import Activations, BlockWalk, Stop, run_block
-from qatcli.report.progress import progress_bar
 
 if TYPE_CHECKING:
     from qatcli.config import AWQOptions

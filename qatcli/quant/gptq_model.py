@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from qatcli.progress import notify, progress_bar
 from qatcli.quant.gptq import HessianAccumulator, gptq_quantize
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, make_layer_quant
 from qatcli.quant.replay import FinishedOutputs
 from qatcli.quant.targets import per_layer
 from qatcli.quant.walk import Activations, BlockWalk, Stop, run_block
-from qatcli.report.progress import progress_bar, stderr_console
 
 if TYPE_CHECKING:
     from qatcli.config import GPTQOptions
@@ -201,9 +201,7 @@ def quantize_gptq(
         result = gptq_quantize(layer.weight, hessian.H, specs[name], options, clip)
         if result.damp != options.damp:
             stats.damp_raised[name] = result.damp
-            stderr_console.print(
-                f"[yellow]{name}: Hessian not positive definite with damp {options.damp}; used damp {result.damp}"
-            )
+            notify(f"{name}: Hessian not positive definite with damp {options.damp}; used damp {result.damp}")
         stats.loss[name] = result.loss
         layer.weight.copy_(result.weight.to(layer.weight.dtype))
         layers[name] = make_layer_quant(specs[name], result.scales, result.zeros, result.g_idx, options.act_order)

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from qatcli.progress import progress_bar
 from qatcli.quant.grid import QuantSpec, default_g_idx, group_qparams
 from qatcli.quant.layer import LayerQuant, make_layer_quant
 from qatcli.quant.targets import per_layer
-from qatcli.report.progress import progress_bar
 
 
 def quantize_rtn(

@@ -19,6 +19,8 @@ from rich.progress import (
 )
 from rich.text import Text
 
+from qatcli.progress import set_reporter
+
 stderr_console = Console(stderr=True)
 
 
@@ -94,3 +96,15 @@ def _new_progress() -> Progress:
         TimeRemainingColumn(),
         console=stderr_console,
     )
+
+
+def _notice(message: str) -> None:
+    stderr_console.print(Text(message, style="yellow"))
+
+
+def _silence() -> None:
+    stderr_console.quiet = True
+
+
+# importing this module (the commands and the pipeline do) makes the algorithms' progress rich bars on stderr
+set_reporter(progress_bar, _notice, _silence)

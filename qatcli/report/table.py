@@ -33,7 +33,7 @@ def fmt(value: Any) -> str:
 
 
 def task_cell(result: dict[str, Any] | None) -> str:
-    """A task's main metric and its standard error (qatcli.data.tasks' summary of it): 0.438 ± 0.128."""
+    """A task's main metric and its standard error (qatcli.evaluation.tasks' summary of it): 0.438 ± 0.128."""
     if result is None or result["value"] is None:
         return "-"
     stderr = "" if result["stderr"] is None else f" ± {result['stderr']:.3f}"

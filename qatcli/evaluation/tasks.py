@@ -19,8 +19,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qatcli.config import EvalConfig
-from qatcli.data.models import gemma_family, leading_bos
 from qatcli.errors import QatcliError
+from qatcli.models.loading import gemma_family, leading_bos
 
 INSTALL = "pip install 'qatcli[tasks]'"
 # lm-eval's own default seed of the few-shot sampler, so that few-shot prompts are the ones its CLI builds.

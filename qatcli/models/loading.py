@@ -121,7 +121,7 @@ def _convert_gemma3(target: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise QatcliError(f"reading gemma3-270m needs the gguf package: {GEMMA3_INSTALL}")
     package = importlib.import_module(GEMMA3_PACKAGE)
-    from qatcli.data.gguf_gemma3 import convert_gemma3_gguf
+    from qatcli.models.gguf_gemma3 import convert_gemma3_gguf
 
     terms = Path(package.__file__).parent / "data" / "GEMMA_TERMS.html"
     if not terms.is_file():

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 from qatcli.config import EvalConfig
-from qatcli.data.head import token_nll
 from qatcli.data.sources import eval_windows
 from qatcli.data.tokens import TokenSource
-from qatcli.report.progress import progress_bar
+from qatcli.evaluation.head import token_nll
+from qatcli.progress import progress_bar
 
 
 @dataclass(frozen=True)

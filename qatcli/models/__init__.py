@@ -1,0 +1,1 @@
+"""Model references, the built-in aliases and their conversion from GGUF files, and loading."""
