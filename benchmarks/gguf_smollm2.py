@@ -127,6 +127,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--publish", action="store_true", help="Append the table to --results.")
+    parser.add_argument(
+        "--only-make", action="store_true", help="Make the checkpoints and files, then stop (time the rest alone)."
+    )
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -138,6 +141,8 @@ def main() -> None:
     qat_rows = checkpoint_steps(args, work)
     llama_rows = llama_cpp_steps(args, work, f16)
     ggufs = [("f16", f16), *llama_rows, *[(name, g) for name, _, g in qat_rows]]
+    if args.only_make:
+        return
 
     domains = {d: (str(code_text(work / "code.txt")) if d == "code" else d) for d in args.domains}
     models = [args.model, *[str(c) for _, c, _ in qat_rows], *[str(g) for _, g in ggufs]]

@@ -7,6 +7,6 @@ from qatcli.methods import gptq  # noqa: F401
 from qatcli.methods import awq  # noqa: F401
 
 # isort: on
-from qatcli.methods.base import METHODS, PTQMethod, Quantized, get_method, init_names, method_names, register
+from qatcli.methods.base import METHODS, Job, PTQMethod, Quantized, get_method, init_names, method_names, register
 
-__all__ = ["METHODS", "PTQMethod", "Quantized", "get_method", "init_names", "method_names", "register"]
+__all__ = ["METHODS", "Job", "PTQMethod", "Quantized", "get_method", "init_names", "method_names", "register"]

@@ -23,6 +23,20 @@ if TYPE_CHECKING:
     from qatcli.quant.layer import LayerQuant
 
 
+@dataclass(frozen=True)
+class Job:
+    """What a method quantizes: ``targets`` (layers of ``model``), each to its spec in ``specs``, with the recipe's
+    options; ``windows`` are the calibration windows [nsamples, seqlen] where the method needs them. A method may
+    change ``model`` (GPTQ's error feedback, AWQ's folded scales)."""
+
+    recipe: Recipe
+    model: nn.Module
+    targets: dict[str, nn.Linear]
+    specs: dict[str, QuantSpec]
+    windows: torch.Tensor | None
+    device: torch.device
+
+
 @dataclass
 class Quantized:
     """What a method made: each quantized layer's grid, the fields its checkpoint records under ``quantization``
@@ -43,17 +57,8 @@ class PTQMethod(ABC):
     summary: ClassVar[str] = ""  # one line for --help and docs
 
     @abstractmethod
-    def quantize(
-        self,
-        recipe: Recipe,
-        model: nn.Module,
-        targets: dict[str, nn.Linear],
-        specs: dict[str, QuantSpec],
-        windows: torch.Tensor | None,
-        device: torch.device,
-    ) -> Quantized:
-        """Quantize ``targets`` (layers of ``model``) each to its spec; ``windows`` are the calibration windows
-        [nsamples, seqlen] where the method needs them. May change ``model`` (GPTQ's error feedback, AWQ's scales)."""
+    def quantize(self, job: Job) -> Quantized:
+        """The grid of every target layer of ``job``."""
 
     def checkpoint_sections(self) -> tuple[str, ...]:
         """The recipe sections besides quant that a checkpoint of this method depends on (compare's cache key)."""

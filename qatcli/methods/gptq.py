@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from qatcli.methods.base import PTQMethod, Quantized, register
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from qatcli.config import Recipe
-    from qatcli.quant.grid import QuantSpec
+from qatcli.methods.base import Job, PTQMethod, Quantized, register
 
 
 @register
@@ -22,22 +13,15 @@ class GPTQ(PTQMethod):
     walks = True
     summary = "error feedback through each layer's calibration Hessian (needs calib.data)"
 
-    def quantize(
-        self,
-        recipe: Recipe,
-        model: nn.Module,
-        targets: dict[str, nn.Linear],
-        specs: dict[str, QuantSpec],
-        windows: torch.Tensor | None,
-        device: torch.device,
-    ) -> Quantized:
+    def quantize(self, job: Job) -> Quantized:
         from qatcli.quant.gptq_model import quantize_gptq
 
-        assert windows is not None
-        layers, stats = quantize_gptq(model, targets, specs, recipe.gptq, recipe.quant.clip, windows, device)
+        r = job.recipe
+        assert job.windows is not None
+        layers, stats = quantize_gptq(job.model, job.targets, job.specs, r.gptq, r.quant.clip, job.windows, job.device)
         metrics = {
             "gptq_loss": sum(stats.loss.values()),
             "damp_raised": stats.damp_raised,
             "quantize_peak_cuda_mib": None if stats.peak_cuda_mib is None else round(stats.peak_cuda_mib, 1),
         }
-        return Quantized(layers, recipe.gptq.quantization_fields(), metrics)
+        return Quantized(layers, r.gptq.quantization_fields(), metrics)

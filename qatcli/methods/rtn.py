@@ -2,16 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from qatcli.methods.base import PTQMethod, Quantized, register
-
-if TYPE_CHECKING:
-    import torch
-    from torch import nn
-
-    from qatcli.config import Recipe
-    from qatcli.quant.grid import QuantSpec
+from qatcli.methods.base import Job, PTQMethod, Quantized, register
 
 
 @register
@@ -20,15 +11,7 @@ class RTN(PTQMethod):
     keeps_fp_weights = True
     summary = "round to nearest on each layer's own grid (min/max or MSE-searched ranges), no data"
 
-    def quantize(
-        self,
-        recipe: Recipe,
-        model: nn.Module,
-        targets: dict[str, nn.Linear],
-        specs: dict[str, QuantSpec],
-        windows: torch.Tensor | None,
-        device: torch.device,
-    ) -> Quantized:
+    def quantize(self, job: Job) -> Quantized:
         from qatcli.quant.rtn import quantize_rtn
 
-        return Quantized(quantize_rtn(targets, specs, recipe.quant.clip))
+        return Quantized(quantize_rtn(job.targets, job.specs, job.recipe.quant.clip))

@@ -17,7 +17,7 @@ from qatcli.config import Recipe
 from qatcli.data.sources import calibration_windows
 from qatcli.data.tokens import TokenSource
 from qatcli.evaluation.perplexity import evaluate_on_data
-from qatcli.methods import PTQMethod, Quantized
+from qatcli.methods import Job, PTQMethod, Quantized
 from qatcli.models.loading import ModelRef, load_model, load_tokenizer
 from qatcli.quant.grid import QuantSpec
 from qatcli.quant.layer import LayerQuant, fake_quantized
@@ -112,7 +112,7 @@ def run_method(method: PTQMethod, recipe: Recipe, base: Base, source: TokenSourc
     """``method`` on the base model's targets, with the recipe's calibration windows where it needs them."""
     windows = _calibration(recipe, source) if method.needs_calibration else None
     with keeping_peak_memory(device):
-        return method.quantize(recipe, base.model, base.targets, base.specs, windows, device)
+        return method.quantize(Job(recipe, base.model, base.targets, base.specs, windows, device))
 
 
 def calibration_metrics(recipe: Recipe) -> dict[str, Any]:
