@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--qat-data", default=TRAIN_DATA)
     parser.add_argument("--qat-steps", type=int, default=150)
     parser.add_argument("--qat-types", nargs="*", default=["q2_0"])
-    parser.add_argument("--domains", nargs="+", default=[TEST_DATA, "code", "generated:200"])
+    parser.add_argument("--domains", nargs="+", default=[TEST_DATA, "code", "generated:100"])
     parser.add_argument("--max-windows", type=int, default=40)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--repeats", type=int, default=3)

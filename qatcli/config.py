@@ -26,9 +26,8 @@ FUSED_MIN_WEIGHTS = 2**24
 
 # Data-free training text: 500 sequences of 512 tokens sampled from the full-precision model. Every fifth is
 # held out for evaluation, so training gets 400 x 512 = 204,800 tokens: 800 windows of 256 tokens, more than the
-# default 150 steps x 4 windows read, so no window comes twice (250 sequences, read one and a half times, gave
-# 132.5 at 2 bits on smollm2-135m, 500 gave 120.7: docs/results.md). Sampled once and cached: 26 minutes for
-# smollm2-135m on 2 CPU cores.
+# default 150 steps x 4 windows read, so no window comes twice (fewer sequences, read more than once, did worse:
+# docs/results-archive.md, "500 sampled sequences"). Sampled once and cached.
 DEFAULT_QAT_DATA = "generated:500"
 
 

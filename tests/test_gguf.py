@@ -20,9 +20,11 @@ from qatcli.formats.gguf_file import read_gguf, tensor_values
 from qatcli.quant.grid import QuantSpec, dequantize
 
 TARGETS = {t.target: t for t in BLOCK_TYPES.values()}
-# llama.cpp computes the quantized dot products with activations rounded to 8 bits (Q8_0/Q8_1); on the tiny
-# model its perplexity stays within this fraction of qatcli's float32 evaluation (measured: docs/results.md)
-ENGINE_PPL_TOLERANCE = 0.01
+# llama.cpp computes the quantized dot products with activations rounded to 8 bits (Q8_0/Q8_1). On this tiny model
+# (8 windows of 128 tokens) its perplexity differed from qatcli's float32 evaluation by at most 0.013% (Q2_0
+# +0.013%, Q4_0 +0.011%, Q4_1 +0.004%, Q8_0 -0.005%; 2026-12-07, 2-core x86 with AVX512): the bound leaves room for
+# other SIMD paths
+ENGINE_PPL_TOLERANCE = 0.0025
 
 
 @pytest.fixture(scope="session")
@@ -163,6 +165,14 @@ def test_grids_gguf_cannot_hold_are_refused_in_one_line(
     if not act_order:
         assert "--target gguf:q2_0|gguf:q4_0|gguf:q4_1|gguf:q8_0" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no file, no temporary left
+
+
+def test_tasks_on_a_gguf_file_are_refused_in_one_line(tiny_model_dir: Path, tmp_path: Path) -> None:
+    ckpt = _target_checkpoint(tiny_model_dir, tmp_path / "ckpt", "gguf:q8_0")
+    _export(ckpt, tmp_path / "m.gguf")
+    done = run_cli("eval", str(tmp_path / "m.gguf"), "--tasks", "arc_easy")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "--tasks needs a torch model and gguf runs in its own engine" in done.stderr.strip().splitlines()[-1]
 
 
 def test_a_gguf_output_must_be_a_gguf_file_name(tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -37,6 +37,7 @@ class ExportFormat(ABC):
     name: ClassVar[str]  # the family, as tables and docs name it
     values: ClassVar[tuple[str, ...]]  # the export.format values that select it
     writes_file: ClassVar[bool] = False  # one file (GGUF) rather than a directory
+    runs_tasks: ClassVar[bool] = True  # its loaded model is a transformers model lm-evaluation-harness can run
     summary: ClassVar[str] = ""
 
     def problems(self, e: ExportConfig) -> list[str]:

@@ -132,6 +132,7 @@ class GGUFFormat(ExportFormat):
     name = "gguf"
     values = ("gguf",)
     writes_file = True
+    runs_tasks = False
     summary = "one file for llama.cpp: Q2_0 / Q4_0 / Q4_1 / Q8_0 blocks holding the trained codes exactly"
 
     def problems(self, e: ExportConfig) -> list[str]:

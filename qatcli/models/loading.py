@@ -189,8 +189,7 @@ def load_model(ref: ModelRef, device: torch.device, dtype: torch.dtype = torch.f
 
 def gemma_family(model: nn.Module) -> bool:
     """Whether ``model`` is a Gemma (its config's model_type names it): a family trained with BOS at the start
-    of every text, which loses its way without it (gemma3-270m: perplexity 76.40 on SOTU test windows without
-    BOS, 31.00 with it; docs/results.md)."""
+    of every text, which loses its way without it (docs/results-archive.md, "Gemma needs BOS")."""
     model_type = str(getattr(getattr(model, "config", None), "model_type", "") or "")
     return "gemma" in model_type.lower()
 

@@ -91,8 +91,14 @@ def check_eval(recipe: Recipe, models: list[str]) -> None:
     with problems.check():
         check_tasks(recipe.eval)
     for spec in models:
-        if not is_checkpoint(Path(spec)) and detect_format(Path(spec)) is None:
+        fmt = None if is_checkpoint(Path(spec)) else detect_format(Path(spec))
+        if fmt is None and not is_checkpoint(Path(spec)):
             problems.model(spec, "")
+        elif fmt is not None and recipe.eval.tasks and not fmt.runs_tasks:
+            problems.add(
+                f"'{spec}': --tasks needs a torch model and {fmt.name} runs in its own engine; evaluate the "
+                "checkpoint it came from"
+            )
     problems.raise_if_any()
 
 

@@ -59,10 +59,10 @@ class GPTQResult:
 def inverse_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, raising damp tenfold until it exists.
 
-    Computed in float64 and returned in H's dtype. In float32 the factor of a Hessian with condition number
-    1e4-1e5 (smollm2's) carries relative errors near 1e-3 that depend on how LAPACK splits the work between
-    threads: they flipped 0.02-0.6% of a layer's codes between 1 and 2 threads, and the walk through the blocks
-    amplified that to 25% in perplexity at 3 bits. In float64 the codes no longer depend on the thread count.
+    Computed in float64 and returned in H's dtype. In float32 the factor of an ill-conditioned Hessian (smollm2's)
+    carries errors that depend on how LAPACK splits the work between threads, enough to flip codes between thread
+    counts, which the walk through the blocks amplifies (docs/results-archive.md, "GPTQ no longer depends on the
+    thread count").
     """
     dtype = H.dtype
     H = H.double()
