@@ -382,7 +382,8 @@ class DiagnoseConfig:
 @dataclass
 class ExportConfig:
     output: str | None = field(
-        default=None, metadata=doc("Export directory, or GGUF file, to write (the checkpoint read is the recipe's output)")
+        default=None,
+        metadata=doc("Export directory, or GGUF file, to write (the checkpoint read is the recipe's output)"),
     )
     format: str | None = field(
         default=None,
