@@ -5,7 +5,7 @@ at Q2_0, Q4_0 and Q8_0 from that f16 file, without and with an importance matrix
 calibration text); qatcli RTN, GPTQ and QAT checkpoints made with --target for the same types and exported with
 `qatcli export --format gguf`. Perplexity of every GGUF row comes from llama.cpp's logits (`qatcli eval FILE.gguf`)
 on the same windows as the float32 rows, on each domain; speed from llama-bench (prompt processing of 512 tokens,
-generation of 128, on --threads threads).
+generation of 128, on --threads threads), measured once per block type (the values do not change it).
 
     bash benchmarks/setup_llama_cpp_tools.sh
     OMP_NUM_THREADS=2 python benchmarks/gguf_smollm2.py
@@ -31,6 +31,7 @@ from common import REPO, TEST_DATA, TRAIN_DATA, machine, publish
 
 from qatcli.data.sources import read_texts
 from qatcli.exporters.gguf import dense_gguf
+from qatcli.formats.gguf_file import read_gguf
 from qatcli.models.loading import resolve_model
 
 TYPES = ("q2_0", "q4_0", "q8_0")
@@ -105,9 +106,9 @@ def speed(args: argparse.Namespace, gguf: Path) -> dict[str, float]:
     return {("pp512" if r["n_prompt"] else "tg128"): r["avg_ts"] for r in runs}
 
 
-def evaluate(models: list[str], data: str, args: argparse.Namespace, out: Path) -> dict[str, dict]:
+def evaluate(models: list[str], data: str, windows: int, out: Path) -> dict[str, dict]:
     if not out.is_file():
-        qatcli("eval", *models, "--data", data, "--seqlen", "512", "--max-windows", str(args.max_windows),
+        qatcli("eval", *models, "--data", data, "--seqlen", "512", "--max-windows", str(windows),
                "--json", str(out), "--force")  # fmt: skip
     return {row["name"]: row for row in json.loads(out.read_text())}
 
@@ -122,7 +123,8 @@ def main() -> None:
     parser.add_argument("--qat-steps", type=int, default=150)
     parser.add_argument("--qat-types", nargs="*", default=["q2_0"])
     parser.add_argument("--domains", nargs="+", default=[TEST_DATA, "code", "generated:100"])
-    parser.add_argument("--max-windows", type=int, default=40)
+    parser.add_argument("--max-windows", type=int, default=40, help="Windows of the first domain (SOTU test)")
+    parser.add_argument("--other-windows", type=int, default=20, help="Windows of the other domains, at most")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "results.md")
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument(
         "--only-make", action="store_true", help="Make the checkpoints and files, then stop (time the rest alone)."
     )
+    parser.add_argument("--only-speed", action="store_true", help="Make what is missing, time it, then stop.")
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -143,17 +146,32 @@ def main() -> None:
     ggufs = [("f16", f16), *llama_rows, *[(name, g) for name, _, g in qat_rows]]
     if args.only_make:
         return
+    # speed depends on the tensor types, not on the values: llama-bench runs the first file of each pair of the
+    # file's type and its token embedding's (which smollm2's tied lm_head multiplies by too)
+    speeds_file = work / "speed.json"
+    speeds = json.loads(speeds_file.read_text()) if speeds_file.is_file() else {}
+    for _, g in ggufs:
+        meta, tensors = read_gguf(g)
+        kind = f"{meta['general.file_type']}-{tensors['token_embd.weight'].type_name}"
+        if kind not in speeds:
+            speeds[kind] = speed(args, g)
+            speeds_file.write_text(json.dumps(speeds, indent=2))
+        speeds[g.name] = speeds[kind]
+
+    if args.only_speed:
+        return
 
     domains = {d: (str(code_text(work / "code.txt")) if d == "code" else d) for d in args.domains}
     models = [args.model, *[str(c) for _, c, _ in qat_rows], *[str(g) for _, g in ggufs]]
     results = {
-        d: evaluate(models, data, args, work / f"eval-{d.replace(':', '_')}.json") for d, data in domains.items()
+        d: evaluate(
+            models,
+            data,
+            args.max_windows if i == 0 else args.other_windows,
+            work / f"eval-{d.replace(':', '_')}.json",
+        )
+        for i, (d, data) in enumerate(domains.items())
     }
-    speeds_file = work / "speed.json"
-    speeds = json.loads(speeds_file.read_text()) if speeds_file.is_file() else {}
-    for _, g in ggufs:
-        speeds.setdefault(g.name, speed(args, g))
-        speeds_file.write_text(json.dumps(speeds, indent=2))
 
     def ppl(name: str) -> list[float]:
         return [results[d][name]["ppl"] for d in domains]
@@ -193,8 +211,10 @@ def main() -> None:
         f"### GGUF in llama.cpp: qatcli's exports against llama.cpp's quantizer ({args.model})\n\n"
         f"`{command}` (commit {commit.strip()}, {machine()}, {args.threads} threads, "
         f"{datetime.now(timezone.utc):%Y-%m-%d}; {time.perf_counter() - started:.0f} s for this invocation). "
-        f"Windows: {args.max_windows} x 512 tokens per domain; code = {len(CODE_FILES)} standard-library files of "
-        f"Python {sys.version.split()[0]}.\n\n"
+        f"Windows of 512 tokens: {args.max_windows} of {args.domains[0]}, at most {args.other_windows} of each other "
+        f"domain (`generated:N` holds N/5 held-out sequences); code = {len(CODE_FILES)} standard-library files of "
+        f"Python {sys.version.split()[0]}. Each cell: perplexity (its ratio to fp on that domain); mean: the "
+        "geometric mean of the ratios.\n\n"
     )
     text = header + "\n".join(lines) + "\n"
     if args.publish:

@@ -200,12 +200,14 @@ class GGUFFormat(ExportFormat):
         model = LlamaCppModel(path, str(meta.get("general.architecture", "")))
         blocks = {t.ggml_type: t.name for t in BLOCK_TYPES.values()}
         kinds = sorted({blocks[t.ggml_type] for t in tensors.values() if t.ggml_type in blocks})
+        # a file another tool requantized (llama-quantize) keeps the keys qatcli wrote but not its file type
+        ours = str(meta.get("general.file_type")) == meta.get("qatcli.file_type", str(meta.get("general.file_type")))
         info = {
-            "method": meta.get("qatcli.method", "unknown"),
+            "method": meta.get("qatcli.method", "unknown") if ours else "requantized",
             "format": f"gguf {'+'.join(kinds) or 'dense'}",
-            "bits": _int_or_none(meta.get("qatcli.bits")),
-            "group_size": _int_or_none(meta.get("qatcli.group_size")),
-            "sym": None if "qatcli.sym" not in meta else meta["qatcli.sym"] == "True",
+            "bits": _int_or_none(meta.get("qatcli.bits")) if ours else None,
+            "group_size": _int_or_none(meta.get("qatcli.group_size")) if ours else None,
+            "sym": None if "qatcli.sym" not in meta or not ours else meta["qatcli.sym"] == "True",
             "weight_bytes": sum(t.nbytes for t in tensors.values() if t.ggml_type in blocks),
             "file_bytes": path.stat().st_size,
             "base_model": base,

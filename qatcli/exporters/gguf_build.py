@@ -122,7 +122,7 @@ def build(model_dir: Path, layers_file: Path, plan: dict[str, Any], out: Path) -
     else:
         file_type = BLOCK_TYPES[types[0]].file_type if len(types) == 1 else gguf.LlamaFileType.GUESSED
     writer.add_file_type(int(file_type))
-    for key, value in plan["metadata"].items():
+    for key, value in {**plan["metadata"], "file_type": int(file_type)}.items():
         writer.add_string(f"qatcli.{key}", str(value))
 
     report: dict[str, Any] = {"tensors": {}, "q4_1_offset_error": 0.0}

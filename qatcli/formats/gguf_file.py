@@ -91,6 +91,8 @@ def tensor_values(path: Path, info: TensorInfo) -> np.ndarray:
         return raw.view("<f2").astype(np.float32).reshape(info.shape)
     if info.ggml_type == 30:
         return (raw.view("<u2").astype(np.uint32) << 16).view(np.float32).reshape(info.shape)
-    t = next(t for t in BLOCK_TYPES.values() if t.ggml_type == info.ggml_type)
+    t = next((t for t in BLOCK_TYPES.values() if t.ggml_type == info.ggml_type), None)
+    if t is None:
+        raise ValueError(f"{info.name}: decoding {info.type_name} is not implemented here")
     rows = int(np.prod(info.shape[:-1]))
     return decode(t, raw.reshape(rows, -1), info.shape[-1]).reshape(info.shape)
