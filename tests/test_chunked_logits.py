@@ -12,7 +12,7 @@ from test_gemma import gemma_config
 from transformers import Gemma3ForCausalLM, LlamaForCausalLM
 
 from qatcli.config import QATConfig
-from qatcli.data import head
+from qatcli.evaluation import head
 from qatcli.qat import losses
 from qatcli.qat.estimators import make_estimator
 from qatcli.qat.fake_quant import prepare_qat

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from test_cli import assert_one_line_error
 from transformers import LlamaForCausalLM
 
-from qatcli.data import head
+from qatcli.evaluation import head
 from qatcli.qat import losses
 from qatcli.qat.trainer import lr_factor
 

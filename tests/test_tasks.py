@@ -200,7 +200,7 @@ def test_a_large_vocabulary_scores_fewer_requests_at_once(
     from lm_eval.models.huggingface import HFLM
 
     from qatcli.config import EvalConfig
-    from qatcli.data import tasks
+    from qatcli.evaluation import tasks
 
     assert [tasks.task_batch_size(8, v) for v in (49152, 262144, 2**20)] == [8, 2, 1]
     model, tokenizer = fp_model(tiny_model_dir)
