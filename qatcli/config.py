@@ -93,8 +93,12 @@ class QuantConfig:
 class CalibConfig:
     """Calibration windows (GPTQ, AWQ): ``nsamples`` windows of ``seqlen`` tokens at seeded random offsets."""
 
-    data: str | None = field(
-        default=None, metadata=doc("GPTQ and AWQ calibration data (same forms as evaluation data)")
+    data: str | list[str] | None = field(
+        default=None,
+        metadata=doc(
+            "GPTQ and AWQ calibration data (same forms as evaluation data); several sources mix in their weights, "
+            "e.g. sotu:train:0.5,generated:500:0.5"
+        ),
     )
     nsamples: int = field(default=128, metadata=doc("GPTQ and AWQ calibration windows"))
     seqlen: int = field(default=512, metadata=doc("Tokens per calibration window"))
@@ -200,7 +204,11 @@ class BlockConfig:
             f"{AUTO_BLOCK_EPOCHS} at 2 and 3 bits, 0 at 4 and 8"
         ),
     )
-    nsamples: int = field(default=128, metadata=doc("Calibration windows, drawn from qat.data"))
+    data: str | list[str] | None = field(
+        default=None,
+        metadata=doc("The block stage's calibration data, a single source or a weighted mix (default: qat.data)"),
+    )
+    nsamples: int = field(default=128, metadata=doc("Calibration windows, drawn from block.data"))
     seqlen: int = field(default=256, metadata=doc("Tokens per calibration window"))
     batch_size: int = field(default=4, metadata=doc("Windows per step inside a block"))
     lr: float = field(default=1e-3, metadata=doc("Learning rate of the latent weights in the block stage"))
@@ -249,11 +257,12 @@ class QATConfig:
         default="fp",
         metadata=doc("Where training starts: fp (the full-precision weights), rtn, gptq or a qatcli checkpoint"),
     )
-    data: str = field(
+    data: str | list[str] = field(
         default=DEFAULT_QAT_DATA,
         metadata=doc(
-            "Training data (same forms as evaluation data); the default, sampled from the full-precision model, "
-            "holds 800 windows of 256 tokens"
+            "Training data (same forms as evaluation data), or several sources mixed in their weights, e.g. "
+            "sotu:train:0.5,generated:1000:256:0.5; the default, sampled from the full-precision model, holds 800 "
+            "windows of 256 tokens"
         ),
     )
     steps: int = field(default=150, metadata=doc("End-to-end optimizer steps (0: the block stage alone)"))
@@ -332,11 +341,12 @@ class QATConfig:
 
 @dataclass
 class EvalConfig:
-    data: str | None = field(
+    data: str | list[str] | None = field(
         default=None,
         metadata=doc(
-            "Evaluation data: a text file, .jsonl, hf:NAME[:CONFIG][@SPLIT], wikitext2, sotu[:train|valid|test] "
-            "or generated:N[:LEN][:top_p=P][:dtype=D]"
+            "Evaluation data: a text file, .jsonl, hf:NAME[:CONFIG][@SPLIT], wikitext2, sotu[:train|valid|test], "
+            "code[:train|valid|test] (Python's standard library) or generated:N[:LEN][:top_p=P][:dtype=D]; several "
+            "domains comma-separated (or a list): one perplexity each and their geometric mean"
         ),
     )
     seqlen: int = field(default=512, metadata=doc("Tokens per evaluation window"))

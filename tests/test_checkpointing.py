@@ -18,6 +18,7 @@ from torch import nn
 from transformers import LlamaForCausalLM
 
 from qatcli.config import QATConfig
+from qatcli.data.mix import MixedTokens, MixPart
 from qatcli.qat.checkpointing import checkpointed_blocks
 from qatcli.qat.estimators import Estimator, make_estimator
 from qatcli.qat.fake_quant import FakeQuantLinear, prepare_qat
@@ -81,7 +82,7 @@ def test_training_steps_are_the_same(estimator: str, tmp_path: Path) -> None:
         workdir.mkdir()
         mlp_runs: list[None] = []
         model.model.layers[0].mlp.register_forward_pre_hook(lambda *_, runs=mlp_runs: runs.append(None))
-        Trainer(model, fakes, rule, teacher, tokens(), qat, 0, CPU, workdir).train()
+        Trainer(model, fakes, rule, teacher, MixedTokens([tokens()], [MixPart("t", 1.0)]), qat, 0, CPU, workdir).train()
         losses = [json.loads(line)["loss"] for line in (workdir / METRICS_FILE).read_text().splitlines()]
         weights = {n: (f.weight.detach().clone(), f.scales.detach().clone()) for n, f in fakes.items()}
         runs.append((losses, weights, len(mlp_runs)))

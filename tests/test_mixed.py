@@ -382,8 +382,9 @@ def test_bad_rules_are_one_line_errors(tiny_model_dir: Path, sotu: Path, tmp_pat
 
 
 def test_rules_survive_recipes_of_cells_and_runs_made_before_them(tmp_path: Path) -> None:
+    from qatcli.data.mix import MixedTokens, MixPart
     from qatcli.pipeline.matrix import Cell, cell_recipe, checkpoint_key
-    from qatcli.pipeline.resume import check_resumed_run, tokens_sha256
+    from qatcli.pipeline.resume import check_resumed_run
     from qatcli.run_layout import RUN_RECORD_FILE
 
     rules = {r"\.layers\.(0|29)\.": {"bits": 4}}
@@ -399,8 +400,8 @@ def test_rules_survive_recipes_of_cells_and_runs_made_before_them(tmp_path: Path
     assert checkpoint_key(recipe, Cell("rtn", 2, 32))["quant"]["dynamic"] == rules
     old = plain.to_dict()
     del old["quant"]["dynamic"], old["quant"]["lm_head"]
-    tokens = torch.arange(10)
-    (tmp_path / RUN_RECORD_FILE).write_text(json.dumps({"recipe": old, "data_sha256": tokens_sha256(tokens)}))
+    tokens = MixedTokens([torch.arange(10)], [MixPart("t", 1.0)])
+    (tmp_path / RUN_RECORD_FILE).write_text(json.dumps({"recipe": old, "data_sha256": tokens.sha256()}))
     check_resumed_run(tmp_path, plain, tokens)
     with pytest.raises(QatcliError, match=r"quant\.dynamic"):
         check_resumed_run(tmp_path, recipe, tokens)

@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from qatcli.config import Recipe
+from qatcli.data.mix import shown
 from qatcli.pipeline.compare import OUTPUTS, compare_matrix
 from qatcli.report.progress import stderr_console
-from qatcli.report.table import print_table, task_cell
+from qatcli.report.table import domain_cells, domain_columns, print_table, task_cell
 
 
 def _change(ppl: float, fp_ppl: float) -> str:
@@ -23,6 +24,7 @@ def _change(ppl: float, fp_ppl: float) -> str:
 def _print_table(title: str, fp: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     mib = 2**20
     tasks = {name: result["metric"] for name, result in fp.get("tasks", {}).items()}
+    ppl = domain_columns([fp])
 
     def line(r: dict[str, Any]) -> list[Any]:
         change = "-" if r is fp else _change(r["ppl"], fp["ppl"])
@@ -33,7 +35,7 @@ def _print_table(title: str, fp: dict[str, Any], rows: list[dict[str, Any]]) -> 
             "fp16" if r is fp else r["bits"],
             "16" if r is fp else f"{r['avg_bits']:.2f}" if r.get("avg_bits") is not None else None,
             r["group_size"],
-            r["ppl"],
+            *domain_cells(r, ppl),
             change,
             *(task_cell(r.get("tasks", {}).get(name)) for name in tasks),
             r["quantized_bytes"] / mib,
@@ -42,7 +44,7 @@ def _print_table(title: str, fp: dict[str, Any], rows: list[dict[str, Any]]) -> 
             r["status"],
         ]
 
-    columns = ["cell", "method", "bits", "avg bits", "group", "ppl", "vs fp", *(f"{n} {m}" for n, m in tasks.items())]
+    columns = ["cell", "method", "bits", "avg bits", "group", *ppl, "vs fp", *(f"{n} {m}" for n, m in tasks.items())]
     columns += ["layers MiB", "export MiB", "wall s", "status"]
     print_table(title, columns, [line(fp), *(line(r) for r in rows)])
 
@@ -50,7 +52,8 @@ def _print_table(title: str, fp: dict[str, Any], rows: list[dict[str, Any]]) -> 
 def run_compare(recipe: Recipe, recipe_path: Path, force: bool) -> list[dict[str, Any]]:
     result = compare_matrix(recipe, recipe_path, force)
     fp, rows = result.fp, result.rows
-    title = f"{recipe.model}: perplexity on {recipe.eval.data}, {fp['windows']} windows x {fp['seqlen']} tokens"
+    data = shown(recipe.eval.data or [])
+    title = f"{recipe.model}: perplexity on {data}, {fp['windows']} windows x {fp['seqlen']} tokens"
     _print_table(title, fp, rows)
     reused = sum(r["status"] == "reused" for r in rows)
     stderr_console.print(

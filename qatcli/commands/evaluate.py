@@ -6,18 +6,19 @@ from pathlib import Path
 from typing import Any
 
 from qatcli.config import EvalConfig, Recipe
+from qatcli.data.mix import shown
 from qatcli.outputs import check_output, write_json_atomic
 from qatcli.pipeline.evaluate import evaluate_models
-from qatcli.report.table import human_bytes, print_table, task_cell
+from qatcli.report.table import domain_cells, domain_columns, human_bytes, print_table, task_cell
 
 
 def _title(cfg: EvalConfig, rows: list[dict[str, Any]], tasks: list[str]) -> str:
-    parts = [f"perplexity on {cfg.data}"] if cfg.data is not None else []
+    parts = [f"perplexity on {shown(cfg.data)}"] if cfg.data is not None else []
     if tasks:
         shots = sorted({t.get("num_fewshot") for r in rows for t in r["tasks"].values()} - {None})
-        shown = f"{shots[0]}-shot" if len(shots) == 1 else f"{', '.join(map(str, shots))} shots"
+        how = f"{shots[0]}-shot" if len(shots) == 1 else f"{', '.join(map(str, shots))} shots"
         limit = "" if cfg.limit is None else f", at most {cfg.limit} items each"
-        parts.append(f"{', '.join(tasks)} ({shown}{limit})")
+        parts.append(f"{', '.join(tasks)} ({how}{limit})")
     return "; ".join(parts)
 
 
@@ -34,7 +35,7 @@ def run_eval(recipe: Recipe, models: list[str], json_path: Path | None, force: b
     if json_path is not None:
         check_output(json_path, force, "file", tuple(Path(m) for m in models if Path(m).exists()))
     rows = evaluate_models(recipe, models)
-    ppl = recipe.eval.data is not None
+    ppl = domain_columns(rows) if recipe.eval.data is not None else []
     tasks = list(dict.fromkeys(name for r in rows for name in r.get("tasks", {})))
     metrics = {name: next(r["tasks"][name]["metric"] for r in rows if name in r.get("tasks", {})) for name in tasks}
     print_table(
@@ -45,7 +46,7 @@ def run_eval(recipe: Recipe, models: list[str], json_path: Path | None, force: b
             "format",
             "bits",
             "group",
-            *(["ppl", "windows x seqlen"] if ppl else []),
+            *([*ppl, "windows x seqlen"] if ppl else []),
             *(f"{name} {metrics[name]}" for name in tasks),
             "linear weights",
             "time s",
@@ -57,7 +58,7 @@ def run_eval(recipe: Recipe, models: list[str], json_path: Path | None, force: b
                 r["format"],
                 bits_cell(r),
                 r["group_size"],
-                *([r["ppl"], f"{r['windows']} x {r['seqlen']}"] if ppl else []),
+                *([*domain_cells(r, ppl), f"{r['windows']} x {r['seqlen']}"] if ppl else []),
                 *(task_cell(r.get("tasks", {}).get(name)) for name in tasks),
                 human_bytes(r["weight_bytes"]),
                 r["seconds"],

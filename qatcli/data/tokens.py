@@ -7,6 +7,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qatcli.data.generated import generated_tokens
+from qatcli.data.mix import MixedTokens, parse_mix
 from qatcli.data.sources import Purpose, parse_generated, read_texts, tokenize_texts
 from qatcli.errors import QatcliError
 from qatcli.models.loading import ModelRef, gemma_family
@@ -46,6 +47,11 @@ class TokenSource:
         if key not in self._streams:
             self._streams[key] = self._load(spec, purpose)
         return self._streams[key]
+
+    def mix(self, value: str | list[str], purpose: Purpose) -> MixedTokens:
+        """The token streams of every source of a (possibly weighted) data value, with their shares."""
+        parts = parse_mix(value)
+        return MixedTokens([self.tokens(p.spec, purpose) for p in parts], parts)
 
     def _load(self, spec: str, purpose: Purpose) -> torch.Tensor:
         gen = parse_generated(spec)

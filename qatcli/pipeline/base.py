@@ -14,7 +14,6 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from qatcli.config import Recipe
-from qatcli.data.sources import calibration_windows
 from qatcli.data.tokens import TokenSource
 from qatcli.evaluation.perplexity import evaluate_on_data
 from qatcli.methods import Job, PTQMethod, Quantized
@@ -99,7 +98,7 @@ def _calibration(recipe: Recipe, source: TokenSource) -> torch.Tensor:
     """The recipe's calibration windows, [nsamples, seqlen]."""
     c = recipe.calib
     assert c.data is not None
-    return calibration_windows(source.tokens(c.data, "calib"), c.nsamples, c.seqlen, recipe.seed, source.bos)
+    return source.mix(c.data, "calib").calibration(c.nsamples, c.seqlen, recipe.seed, source.bos)
 
 
 def model_device_for(method: PTQMethod, device: torch.device) -> torch.device:
@@ -129,8 +128,6 @@ def evaluate_layers(
         result = evaluate_on_data(base.model, source, recipe.eval, device, label)
     return {
         "data": recipe.eval.data,
-        "ppl": result.ppl,
-        "windows": result.windows,
-        "seqlen": result.seqlen,
+        **result.fields(),
         "seconds": round(time.perf_counter() - t0, 3),
     }

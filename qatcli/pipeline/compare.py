@@ -33,6 +33,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from qatcli.config import Recipe
+from qatcli.data.mix import eval_specs
 from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.errors import Interrupted, QatcliError
 from qatcli.evaluation.perplexity import evaluate_on_data
@@ -120,7 +121,7 @@ def _check_inputs(recipe: Recipe, cells: list[Cell]) -> None:
     calibrated = sorted({m for c in cells for m in (c.method, c.init) if m in METHODS and METHODS[m].needs_calibration})
     if calibrated:
         names = "/".join(calibrated)
-        problems.data(recipe.calib.data, f"{names} cells need calibration data: set calib.data in the recipe")
+        problems.data(recipe.calib.data, f"{names} cells need calibration data: set calib.data in the recipe", mix=True)
     for c in cells:
         if c.method != "qat":
             continue
@@ -131,7 +132,7 @@ def _check_inputs(recipe: Recipe, cells: list[Cell]) -> None:
         with problems.check():
             check_init(str(c.init), f"cell {c.name}: init")
     if any(c.method == "qat" for c in cells):
-        problems.data(recipe.qat.data, "qat cells need training data: set qat.data in the recipe")
+        problems.data(recipe.qat.data, "qat cells need training data: set qat.data in the recipe", mix=True)
     problems.raise_if_any()
 
 
@@ -189,10 +190,7 @@ def _fp_row(ctx: Context, cells: list[Cell]) -> dict[str, Any]:
         "avg_bits": 16,
         "group_size": None,
         "sym": None,
-        "ppl": result.ppl,
-        "nll": result.nll,
-        "windows": result.windows,
-        "seqlen": result.seqlen,
+        **result.fields(),
         "data": r.eval.data,
         **tasks,
         "quantized_bytes": sum(m.weight.numel() * 2 for m in targets.values()),  # fp16 size of the same layers
@@ -244,10 +242,7 @@ def _evaluate_export(ctx: Context, cell: Cell, export: Path) -> dict[str, Any]:
     del model
     gc.collect()
     return {
-        "ppl": result.ppl,
-        "nll": result.nll,
-        "windows": result.windows,
-        "seqlen": result.seqlen,
+        **result.fields(),
         "data": r.eval.data,
         **tasks,
         "eval_seconds": round(time.perf_counter() - t0, 3),
@@ -335,6 +330,11 @@ def _with_change(row: dict[str, Any], fp: dict[str, Any]) -> dict[str, Any]:
     return {**row, "ppl_delta": row["ppl"] - fp["ppl"], "ppl_ratio": row["ppl"] / fp["ppl"]}
 
 
+def _flat_domains(row: dict[str, Any]) -> dict[str, float]:
+    """A row's perplexity on each domain as CSV fields (none for a single domain, whose ppl is the row's)."""
+    return {f"ppl {spec}": d["ppl"] for spec, d in row.get("domains", {}).items()}
+
+
 def _write_outputs(ctx: Context, recipe_path: Path, fp: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     out = ctx.output
     everything = [_with_change(fp, fp), *(_with_change(r, fp) for r in rows)]
@@ -351,11 +351,13 @@ def _write_outputs(ctx: Context, recipe_path: Path, fp: dict[str, Any], rows: li
     }
     write_json_atomic(out / "compare.json", summary)
     with atomic_file(out / "compare.csv") as tmp, tmp.open("w", newline="") as f:
-        columns = [*CSV_COLUMNS, *flat_task_fields(fp)]  # each task's main metric and its stderr
+        # each domain's perplexity, each task's main metric and its stderr
+        columns = [*CSV_COLUMNS, *_flat_domains(fp), *flat_task_fields(fp)]
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows({**r, **flat_task_fields(r)} for r in everything)
-    title = f"{Path(str(ctx.recipe.model)).name} on {Path(str(ctx.recipe.eval.data)).name}"
+        writer.writerows({**r, **flat_task_fields(r), **_flat_domains(r)} for r in everything)
+    specs = eval_specs(ctx.recipe.eval.data or [])
+    title = f"{Path(str(ctx.recipe.model)).name} on {', '.join(Path(s).name for s in specs)}"
     with atomic_file(out / "compare.png") as tmp:
         plot_compare(fp, rows, title, tmp)
     curves = {

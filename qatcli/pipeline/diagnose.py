@@ -54,6 +54,8 @@ def check_diagnose(recipe: Recipe, fp: str | None, quantized: list[str]) -> None
         if not is_checkpoint(Path(spec)) and read_gptq_config(Path(spec)) is None:
             problems.add(f"'{spec}' is neither a qatcli checkpoint nor a GPTQ-format directory")
     problems.data(recipe.eval.data, "no data: pass --data or set eval.data in the recipe")
+    if isinstance(recipe.eval.data, list) or "," in str(recipe.eval.data):
+        problems.add("diagnose measures the landscape on one domain: give --data a single spec")
     problems.raise_if_any()
 
 
@@ -150,7 +152,7 @@ class Landscape:
 def diagnose(recipe: Recipe, fp_spec: str | None, quantized: list[str]) -> dict[str, Any]:
     """The measurements of every quantized model against ``fp_spec``, as one JSON-ready dict."""
     check_diagnose(recipe, fp_spec, quantized)
-    assert fp_spec is not None and recipe.eval.data is not None
+    assert fp_spec is not None and isinstance(recipe.eval.data, str)
     device = resolve_device(recipe.device)
     seed_everything(recipe.seed, recipe.deterministic)
     ref = resolve_model(fp_spec)

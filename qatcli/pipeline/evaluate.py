@@ -118,10 +118,7 @@ def evaluate_models(recipe: Recipe, models: list[str]) -> list[dict[str, Any]]:
             source = TokenSource(loaded.tokenizer, loaded.base, recipe.seed, device, bos)
             result = evaluate_on_data(loaded.model, source, recipe.eval, device, Path(spec).name)
             row |= {
-                "ppl": result.ppl,
-                "nll": result.nll,
-                "windows": result.windows,
-                "seqlen": result.seqlen,
+                **result.fields(),
                 "data": recipe.eval.data,
             }
         row |= evaluate_tasks(loaded.model, loaded.tokenizer, recipe.eval)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from qatcli.data.mix import eval_specs, parse_mix
 from qatcli.data.sources import check_data_spec
 from qatcli.errors import QatcliError
 from qatcli.models.loading import ModelRef, resolve_model
@@ -44,12 +45,14 @@ class Problems:
             return resolve_model(spec)
         return None
 
-    def data(self, spec: str | None, missing: str) -> None:
-        if spec is None:
+    def data(self, value: str | list[str] | None, missing: str, mix: bool = False) -> None:
+        """An evaluation data value (domains), or with ``mix`` a training or calibration one (weighted sources)."""
+        if value is None:
             self.add(missing)
             return
         with self.check():
-            check_data_spec(spec)
+            for spec in [p.spec for p in parse_mix(value)] if mix else eval_specs(value):
+                check_data_spec(spec)
 
     def output(
         self,

@@ -38,6 +38,7 @@ def check_ptq(recipe: Recipe, force: bool) -> ModelRef:
         problems.data(
             recipe.calib.data,
             f"{method.name} needs calibration data: pass --calib-data or set calib.data in the recipe",
+            mix=True,
         )
     if recipe.eval.data is not None:
         problems.data(recipe.eval.data, "")

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from qatcli.config import Recipe
-from qatcli.data.sources import TrainBatches, calibration_windows
+from qatcli.data.mix import MixedTokens
 from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.errors import Interrupted, QatcliError, TrainingDiverged
 from qatcli.evaluation.perplexity import evaluate_on_data
@@ -109,9 +109,12 @@ def check_qat(recipe: Recipe, force: bool, resume: bool) -> None:
             read_meta(Path(t.init))
     if t.init in init_names():
         problems.model(recipe.model, "give MODEL on the command line or set 'model' in the recipe")
-    problems.data(t.data, "no training data: pass --data or set qat.data in the recipe")
+    problems.data(t.data, "no training data: pass --data or set qat.data in the recipe", mix=True)
     if t.init in METHODS and METHODS[t.init].needs_calibration:
-        problems.data(recipe.calib.data, f"--init {t.init} needs calibration data: pass --calib-data or set calib.data")
+        missing = f"--init {t.init} needs calibration data: pass --calib-data or set calib.data"
+        problems.data(recipe.calib.data, missing, mix=True)
+    if t.block.data is not None:
+        problems.data(t.block.data, "", mix=True)
     if recipe.eval.data is not None:
         problems.data(recipe.eval.data, "")
     with problems.check():
@@ -184,8 +187,7 @@ def _block_stage(
     recipe: Recipe,
     base: Base,
     layers: dict[str, LayerQuant],
-    tokens: torch.Tensor,
-    bos: int | None,
+    source: TokenSource,
     device: torch.device,
     group: Distributed | None,
 ) -> tuple[dict[str, LayerQuant], BlockReport | None, int]:
@@ -204,7 +206,8 @@ def _block_stage(
     workdir = run_dir(Path(str(recipe.output)))
     if epochs == 0 or has_state(workdir):  # a saved end-to-end state holds the stage's result
         return layers, None, epochs
-    windows = calibration_windows(tokens, t.block.nsamples, t.block.seqlen, recipe.seed, bos)
+    data = source.mix(t.block.data if t.block.data is not None else t.data, "train")
+    windows = data.calibration(t.block.nsamples, t.block.seqlen, recipe.seed, source.bos)
     fp_weights = None
     if t.init != "fp":  # the model holds RTN, GPTQ or trained weights: the targets need the fp ones
         fp_model = load_model(base.ref, torch.device("cpu"))
@@ -253,7 +256,7 @@ def _end_to_end(
     base: Base,
     layers: dict[str, LayerQuant],
     source: TokenSource,
-    tokens: torch.Tensor,
+    data: MixedTokens,
     device: torch.device,
     stop_after: int | None,
     group: Distributed | None,
@@ -272,7 +275,7 @@ def _end_to_end(
         group.broadcast(base.model)
     lowered = [] if t.frozen_dtype == "float32" else lower_frozen(base.model, getattr(torch, t.frozen_dtype))
     trainer = Trainer(
-        base.model, fakes, estimator, teacher, tokens, t, recipe.seed, device, workdir, group, bos=source.bos
+        base.model, fakes, estimator, teacher, data, t, recipe.seed, device, workdir, group, bos=source.bos
     )
     if has_state(workdir):
         trainer.load_state()
@@ -291,7 +294,7 @@ def _end_to_end(
         fp_teacher = teacher is not None and t.teacher_dtype == "float32"
         fp_model = teacher if fp_teacher else load_model(base.ref, torch.device("cpu"))
         fp = {name: fp_model.get_submodule(name).weight.detach() for name in fakes}
-        probe = TrainBatches(tokens, t.seqlen, t.batch_size, recipe.seed + 2, source.bos).next_batch().to(device)
+        probe = data.batches(t.seqlen, t.batch_size, recipe.seed + 2, source.bos).next_batch().to(device)
         model = base.model
         record_landscape = LandscapeRecorder(model, fakes, fp, lambda: model_ce_loss(model, probe)).record
 
@@ -388,12 +391,12 @@ def _train(
         if main and not resume and workdir.exists():
             shutil.rmtree(workdir)
         base, layers, source = _initial_model(recipe, device, load_device)
-        tokens = source.tokens(t.data, "train")
+        data = source.mix(t.data, "train")
         if resume:
-            check_resumed_run(workdir, recipe, tokens)
+            check_resumed_run(workdir, recipe, data)
         elif main:
             workdir.mkdir(parents=True)
-            record_run(workdir, recipe, tokens)
+            record_run(workdir, recipe, data)
     if group is not None:  # the Linear layers that the fake-quantized ones replace would keep whole weights alive
         base = dataclasses.replace(base, targets={})
     before = None
@@ -407,7 +410,7 @@ def _train(
     setup_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    layers, block_report, epochs = _block_stage(recipe, base, layers, tokens, source.bos, device, group)
+    layers, block_report, epochs = _block_stage(recipe, base, layers, source, device, group)
     block_seconds = time.perf_counter() - t0
     after_blocks = None
     if recipe.eval.data is not None and epochs and t.steps and main:
@@ -420,7 +423,7 @@ def _train(
             write_json_atomic(workdir / AFTER_BLOCKS_FILE, after_blocks)
     t0 = time.perf_counter()
     base.model.to(load_device)  # the walks (GPTQ, the block stage) leave it on the CPU
-    trained = _end_to_end(recipe, base, layers, source, tokens, device, stop_after, group)
+    trained = _end_to_end(recipe, base, layers, source, data, device, stop_after, group)
     if trained is None:
         return None
     base, layers, records = trained

@@ -9,15 +9,13 @@ are split over processes, gradient checkpointing) and the step count, which may 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from qatcli.config import Recipe, default_value, shown_value
+from qatcli.data.mix import MixedTokens
 from qatcli.errors import QatcliError
 from qatcli.outputs import write_json_atomic
 from qatcli.recipe import flatten
@@ -30,12 +28,8 @@ MAY_CHANGE = (
 )
 
 
-def tokens_sha256(tokens: torch.Tensor) -> str:
-    return hashlib.sha256(tokens.cpu().contiguous().numpy().tobytes()).hexdigest()
-
-
-def record_run(workdir: Path, recipe: Recipe, tokens: torch.Tensor) -> None:
-    write_json_atomic(workdir / RUN_RECORD_FILE, {"recipe": recipe.to_dict(), "data_sha256": tokens_sha256(tokens)})
+def record_run(workdir: Path, recipe: Recipe, data: MixedTokens) -> None:
+    write_json_atomic(workdir / RUN_RECORD_FILE, {"recipe": recipe.to_dict(), "data_sha256": data.sha256()})
 
 
 def _default(key: str) -> Any:
@@ -45,7 +39,7 @@ def _default(key: str) -> Any:
         return None
 
 
-def check_resumed_run(workdir: Path, recipe: Recipe, tokens: torch.Tensor) -> None:
+def check_resumed_run(workdir: Path, recipe: Recipe, data: MixedTokens) -> None:
     """Refuse to continue a run with settings or data other than its own (a run without a record passes)."""
     path = workdir / RUN_RECORD_FILE
     if not path.is_file():
@@ -59,7 +53,7 @@ def check_resumed_run(workdir: Path, recipe: Recipe, tokens: torch.Tensor) -> No
         for key in sorted(set(before) | set(now))
         if before.get(key) != now.get(key) and not any(fnmatch(key, p) for p in MAY_CHANGE)
     ]
-    if record["data_sha256"] != tokens_sha256(tokens):
+    if record["data_sha256"] != data.sha256():
         changed.append(f"the training data ({recipe.qat.data} reads other tokens than the run's)")
     if changed:
         raise QatcliError(

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from qatcli.config import QATConfig
-from qatcli.data.sources import TrainBatches
+from qatcli.data.mix import MixedTokens
 from qatcli.errors import QatcliError, TrainingDiverged
 from qatcli.outputs import atomic_file
 from qatcli.progress import progress_bar
@@ -82,10 +82,11 @@ def lr_factor(step: int, steps: int, warmup_steps: int, min_lr_ratio: float) -> 
 class Trainer:
     """Trains the fake-quantized layers of ``model`` as the recipe's qat section says.
 
-    Batches of ``qat.batch_size`` windows of ``qat.seqlen`` tokens come from ``tokens`` in a seeded order;
-    estimators that calibrate get windows of the same tokens in another seeded order. ``teacher`` (the
-    full-precision model) is needed by the kd loss only. With ``group`` (under torchrun) the loss is wrapped in
-    FSDP or DDP, each process computes its rows of every batch, and process 0 alone writes the metrics.
+    Batches of ``qat.batch_size`` windows of ``qat.seqlen`` tokens come from ``data`` in a seeded order, each
+    source in its weight; estimators that calibrate get windows of the same tokens in another seeded order.
+    ``teacher`` (the full-precision model) is needed by the kd loss only. With ``group`` (under torchrun) the loss
+    is wrapped in FSDP or DDP, each process computes its rows of every batch, and process 0 alone writes the
+    metrics.
     """
 
     def __init__(
@@ -94,7 +95,7 @@ class Trainer:
         fakes: dict[str, FakeQuantLinear],
         estimator: Estimator,
         teacher: nn.Module | None,
-        tokens: torch.Tensor,
+        data: MixedTokens,
         qat: QATConfig,
         seed: int,
         device: torch.device,
@@ -104,10 +105,10 @@ class Trainer:
     ) -> None:
         self.model, self.fakes, self.estimator = model, fakes, estimator
         self.bos = bos  # the token every training window starts with, or None
-        self.tokens, self.qat, self.seed, self.device, self.workdir = tokens, qat, seed, device, workdir
+        self.data, self.qat, self.seed, self.device, self.workdir = data, qat, seed, device, workdir
         self.group = group
         self.is_main = group is None or group.is_main
-        self.batches = TrainBatches(tokens, qat.seqlen, qat.batch_size, seed, bos)
+        self.batches = data.batches(qat.seqlen, qat.batch_size, seed, bos)
         for p in model.parameters():
             p.requires_grad_(False)
         for f in fakes.values():
@@ -137,7 +138,7 @@ class Trainer:
 
     def calibrate(self, batches: int) -> None:
         """Forward passes over training windows drawn apart from the training order (for estimators that calibrate)."""
-        windows = TrainBatches(self.tokens, self.qat.seqlen, self.qat.batch_size, self.seed + 1, self.bos)
+        windows = self.data.batches(self.qat.seqlen, self.qat.batch_size, self.seed + 1, self.bos)
         with torch.no_grad():
             for _ in range(batches):
                 self.model(windows.next_batch().to(self.device), use_cache=False)

@@ -40,6 +40,25 @@ def task_cell(result: dict[str, Any] | None) -> str:
     return f"{result['value']:.3f}{stderr}"
 
 
+def domain_columns(rows: Sequence[dict[str, Any] | None]) -> list[str]:
+    """The perplexity columns of result rows: each evaluation domain and their geometric mean where a row has
+    several domains, else the one ``ppl``."""
+    for row in rows:
+        if row and "domains" in row:
+            return [*row["domains"], "geo mean"]
+    return ["ppl"]
+
+
+def domain_cells(row: dict[str, Any] | None, columns: Sequence[str]) -> list[Any]:
+    """``row``'s values in ``domain_columns`` order (None where it lacks one)."""
+    if row is None:
+        return [None] * len(columns)
+    if columns == ["ppl"]:
+        return [row.get("ppl")]
+    domains = row.get("domains", {})
+    return [row.get("ppl") if c == "geo mean" else domains.get(c, {}).get("ppl") for c in columns]
+
+
 def print_table(title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     table = Table(title=title)
     for i, col in enumerate(columns):
