@@ -179,6 +179,7 @@ def qat(
     data: Annotated[str | None, opt()] = None,
     steps: Annotated[int | None, opt()] = None,
     block_epochs: Annotated[Any, opt("--block-epochs", parser=_int_or_text, metavar="auto|N")] = None,
+    block_data: Annotated[str | None, opt()] = None,
     train: Annotated[str | None, opt()] = None,
     batch_size: Annotated[int | None, opt()] = None,
     seqlen: Annotated[int | None, opt("--seqlen", "--train-seqlen")] = None,

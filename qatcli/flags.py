@@ -50,6 +50,7 @@ COMMAND_KEYS: dict[str, dict[str, str]] = {
         "data": "qat.data",
         "steps": "qat.steps",
         "block_epochs": "qat.block.epochs",
+        "block_data": "qat.block.data",
         "train": "qat.train",
         "batch_size": "qat.batch_size",
         "seqlen": "qat.seqlen",

@@ -6,15 +6,17 @@ from typing import Any
 
 from qatcli.config import Recipe
 from qatcli.pipeline.ptq import make_ptq_checkpoint
-from qatcli.report.table import human_bytes, mixed, print_table
+from qatcli.report.table import domain_cells, domain_columns, human_bytes, mixed, print_table
 
 
 def run_ptq(recipe: Recipe, force: bool) -> dict[str, Any]:
     made = make_ptq_checkpoint(recipe, force)
     m, q, specs = made.metrics, made.meta["quantization"], made.specs.values()
+    ev = m.get("eval")
+    ppl = domain_columns([ev])
     print_table(
         f"qatcli ptq -> {made.output}",
-        ["model", "method", "bits", "group", "sym", "layers", "quantized size", "fp16 size", "quantize s", "ppl"],
+        ["model", "method", "bits", "group", "sym", "layers", "quantized size", "fp16 size", "quantize s", *ppl],
         [
             [
                 made.meta["base_model"]["spec"],
@@ -26,7 +28,7 @@ def run_ptq(recipe: Recipe, force: bool) -> dict[str, Any]:
                 human_bytes(m["quantized_bytes"]),
                 human_bytes(m["fp16_bytes"]),
                 m["quantize_seconds"],
-                m.get("eval", {}).get("ppl"),
+                *domain_cells(ev, ppl),
             ]
         ],
     )

@@ -6,7 +6,7 @@ from typing import Any
 
 from qatcli.config import Recipe
 from qatcli.pipeline.qat import train_qat
-from qatcli.report.table import mixed, print_table
+from qatcli.report.table import domain_cells, domain_columns, mixed, print_table
 
 
 def run_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -> dict[str, Any] | None:
@@ -15,6 +15,7 @@ def run_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -
         return None
     m, q, t, specs = made.metrics, made.meta["quantization"], made.meta["qat"], made.specs.values()
     ev = m.get("eval", {})
+    after = [f"ppl after {c}" if c != "ppl" else "ppl after" for c in domain_columns([ev])]
     print_table(
         f"qatcli qat -> {made.output}",
         [
@@ -28,7 +29,7 @@ def run_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -
             "s/step",
             "ppl before",
             "ppl after blocks",
-            "ppl after",
+            *after,
         ],
         [
             [
@@ -42,7 +43,7 @@ def run_qat(recipe: Recipe, force: bool, resume: bool, stop_after: int | None) -
                 m["mean_step_seconds"],
                 ev.get("ppl_before"),
                 ev.get("ppl_after_blocks"),
-                ev.get("ppl"),
+                *domain_cells(ev, domain_columns([ev])),
             ]
         ],
     )
