@@ -65,7 +65,7 @@ def qatcli(*args: str) -> float:
     return time.perf_counter() - t0
 
 
-def make_row(row: str, args: argparse.Namespace, work: Path) -> tuple[str, float | None]:
+def make_row(row: str, args: argparse.Namespace, work: Path, domains: list[str]) -> tuple[str, float | None]:
     """The model to evaluate for ``row`` (made where missing) and the wall time it took to make."""
     if row == "fp":
         return args.model, None
@@ -81,7 +81,10 @@ def make_row(row: str, args: argparse.Namespace, work: Path) -> tuple[str, float
         elif method == "gptq":
             seconds = qatcli("ptq", *common, "--method", "gptq", "--group-size", "64", "--calib-data", spec)
         elif method == "qat":
-            seconds = qatcli("qat", *common, *QAT_RECIPE, "--data", spec)
+            curves = []
+            if args.curves:  # each domain at the start, after the block stage and every 50 steps (10 windows each)
+                curves = ["--eval-data", ",".join(domains), "--max-windows", "10", "--eval-every", "50"]
+            seconds = qatcli("qat", *common, *QAT_RECIPE, "--data", spec, *curves)
         else:
             raise SystemExit(f"row '{row}': expected fp, rtn, gptq:DATA or qat:DATA")
         made.write_text(json.dumps({"seconds": seconds, "threads": os.environ.get("OMP_NUM_THREADS")}))
@@ -109,6 +112,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=REPO / "runs" / "bench-domains")
     parser.add_argument("--results", type=Path, default=REPO / "docs" / "results.md")
     parser.add_argument("--publish", action="store_true", help="Append the table to --results.")
+    parser.add_argument(
+        "--curves", action="store_true", help="QAT rows record each domain during training (adds their time)"
+    )
     args = parser.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
@@ -116,7 +122,7 @@ def main() -> None:
     domains = ["sotu:test", "generated:500", "code:test", str(prose_file(work))]
     shown = {d: "prose" if d.endswith("moby-dick.txt") else d for d in domains}
 
-    rows = [(row, *make_row(row, args, work)) for row in args.rows.split(",")]
+    rows = [(row, *make_row(row, args, work, domains)) for row in args.rows.split(",")]
     results = {row: evaluate(model, domains, args, work) for row, model, _ in rows}
     fp = results.get("fp") or evaluate(args.model, domains, args, work)
 

@@ -224,6 +224,34 @@ def _block_stage(
     return layers, report, epochs
 
 
+def _evaluated_once(
+    path: Path,
+    base: Base,
+    layers: dict[str, LayerQuant],
+    recipe: Recipe,
+    source: TokenSource,
+    device: torch.device,
+    label: str,
+) -> dict[str, Any]:
+    """The evaluation of a stage of the run, made once and kept in the run directory for resumed invocations."""
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        return saved if isinstance(saved, dict) else {"ppl": saved}  # runs started before domains saved a number
+    result = evaluate_layers(base, layers, recipe, source, device, label)
+    write_json_atomic(path, result)
+    return result
+
+
+def _stage_fields(stage: str, result: dict[str, Any] | None) -> dict[str, Any]:
+    """``ppl_<stage>`` (the geometric mean over domains), and ``domains_<stage>`` where there are several."""
+    if result is None:
+        return {f"ppl_{stage}": None}
+    fields = {f"ppl_{stage}": result["ppl"]}
+    if "domains" in result:
+        fields[f"domains_{stage}"] = {spec: d["ppl"] for spec, d in result["domains"].items()}
+    return fields
+
+
 @contextmanager
 def _on_device(model: nn.Module, device: torch.device) -> Iterator[None]:
     """``model`` on ``device`` inside the block and back where it was after: an evaluation of the model that FSDP
@@ -285,9 +313,11 @@ def _end_to_end(
     evaluate = None
     if recipe.eval.data is not None and t.eval_every:
 
-        def evaluate() -> float:
+        def evaluate() -> dict[str, Any]:
             with torch.no_grad():
-                return evaluate_on_data(base.model, source, recipe.eval, device, "eval").ppl
+                result = evaluate_on_data(base.model, source, recipe.eval, device, "eval")
+            each = {"eval_domains": {spec: p.ppl for spec, p in result.each.items()}} if len(result.each) > 1 else {}
+            return {"eval_ppl": result.ppl, **each}
 
     record_landscape = None
     if t.record_every:
@@ -401,12 +431,8 @@ def _train(
         base = dataclasses.replace(base, targets={})
     before = None
     if recipe.eval.data is not None and main:
-        if (workdir / BEFORE_FILE).is_file():
-            before = json.loads((workdir / BEFORE_FILE).read_text())
-        else:
-            with _on_device(base.model, device):
-                before = evaluate_layers(base, layers, recipe, source, device, "eval (init)")["ppl"]
-            write_json_atomic(workdir / BEFORE_FILE, before)
+        with _on_device(base.model, device):
+            before = _evaluated_once(workdir / BEFORE_FILE, base, layers, recipe, source, device, "eval (init)")
     setup_seconds = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -415,12 +441,9 @@ def _train(
     after_blocks = None
     if recipe.eval.data is not None and epochs and t.steps and main:
         # the block stage's own result, so one run measures both block-only and block + end-to-end
-        if (workdir / AFTER_BLOCKS_FILE).is_file():
-            after_blocks = json.loads((workdir / AFTER_BLOCKS_FILE).read_text())
-        else:
-            with _on_device(base.model, device):
-                after_blocks = evaluate_layers(base, layers, recipe, source, device, "eval (after blocks)")["ppl"]
-            write_json_atomic(workdir / AFTER_BLOCKS_FILE, after_blocks)
+        with _on_device(base.model, device):
+            label = "eval (after blocks)"
+            after_blocks = _evaluated_once(workdir / AFTER_BLOCKS_FILE, base, layers, recipe, source, device, label)
     t0 = time.perf_counter()
     base.model.to(load_device)  # the walks (GPTQ, the block stage) leave it on the CPU
     trained = _end_to_end(recipe, base, layers, source, data, device, stop_after, group)
@@ -452,7 +475,8 @@ def _train(
     if recipe.eval.data is not None:
         with _on_device(base.model, device):  # process 0's gathered model, or one that FSDP left on the CPU
             evaluated = evaluate_layers(base, layers, recipe, source, device, "eval")
-        metrics["eval"] = {"ppl_before": before, "ppl_after_blocks": after_blocks, **evaluated}
+        stages = {**_stage_fields("before", before), **_stage_fields("after_blocks", after_blocks)}
+        metrics["eval"] = {**stages, **evaluated}
     meta = {**_qat_meta(recipe, base, layers, epochs, device), "metrics": metrics}
     with atomic_dir(out, force or resume) as tmp:
         save_checkpoint(tmp, base.model, base.tokenizer, layers, meta)

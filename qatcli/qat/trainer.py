@@ -262,7 +262,7 @@ class Trainer:
         self,
         stop_after: int | None = None,
         on_step: Callable[[dict[str, Any]], None] | None = None,
-        evaluate: Callable[[], float] | None = None,
+        evaluate: Callable[[], dict[str, Any]] | None = None,
         record_landscape: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         """Train until ``qat.steps`` (or ``stop_after`` more steps), saving state every ``qat.save_every``.
@@ -271,7 +271,8 @@ class Trainer:
         InterruptedAtStep; a second Ctrl-C raises KeyboardInterrupt at once (the last saved state stays).
 
         With ``evaluate`` (the perplexity of the model as it computes now), every ``qat.eval_every`` steps'
-        record carries ``eval_ppl``; with ``record_landscape``, every ``qat.record_every`` steps' record carries
+        record carries ``eval_ppl`` (with several domains their geometric mean, and ``eval_domains``); with
+        ``record_landscape``, every ``qat.record_every`` steps' record carries
         ``landscape``. Their time is left out of the step's time and the token rate.
         """
         steps = self.qat.steps
@@ -302,7 +303,7 @@ class Trainer:
                 every = self.qat.eval_every
                 if evaluate is not None and every and (self.step % every == 0 or self.step == steps):
                     self.model.eval()
-                    record["eval_ppl"] = evaluate()
+                    record |= evaluate()
                     self.model.train()
                 every = self.qat.record_every
                 if record_landscape is not None and every and (self.step % every == 0 or self.step == steps):
