@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import signal
 import subprocess
@@ -258,3 +259,24 @@ def test_compare_refuses_a_compressed_tensors_export(
     assert result.returncode == 2
     assert_one_line_error(result, "compare evaluates each cell's GPTQ-format export")
     assert not (out / "cells").exists()
+
+
+def test_compare_reports_each_domain_and_trains_on_a_mix(
+    tiny_model_dir: Path, sotu: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cmp"
+    recipe = write_recipe(
+        tmp_path / "r.yaml", tiny_model_dir, sotu, out, "    - method: rtn\n    - {method: qat, steps: 2}"
+    )
+    domains = f"eval.data=[{sotu / 'test.txt'},code:test]"
+    mix = f"qat.data={sotu / 'valid.txt'}:0.5,{sotu / 'train.txt'}:0.5"
+    result = compare_in_process(str(recipe), "--set", domains, "--set", mix, capsys=capsys)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    for row in rows:
+        assert list(row["domains"]) == [str(sotu / "test.txt"), "code:test"]
+        nll = [d["nll"] for d in row["domains"].values()]
+        assert row["ppl"] == pytest.approx(math.exp(sum(nll) / 2), rel=1e-12)
+    header = (out / "compare.csv").read_text().splitlines()[0]
+    assert f"ppl {sotu / 'test.txt'}" in header and "ppl code:test" in header
+    assert "geo mean" in result.stdout

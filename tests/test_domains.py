@@ -125,7 +125,7 @@ def domains(tmp_path_factory: pytest.TempPathFactory, sotu: Path) -> tuple[Path,
 def test_several_domains_give_each_the_number_of_its_own_run(
     tiny_model_dir: Path, domains: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    speech, other = domains
+    speech, _ = domains
     common = ("--seqlen", "64", "--max-windows", "5")
     both = tmp_path / "both.json"
     result = run_cli("eval", str(tiny_model_dir), "--data", f"{speech},code:test", *common, "--json", str(both))

@@ -210,7 +210,8 @@ def test_init_gptq_starts_every_estimator_from_the_gptq_model(
 def test_eval_every_records_the_curve_without_changing_the_run(
     tiny_model_dir: Path, sotu: Path, tmp_path: Path
 ) -> None:
-    evaluation = ["--eval-data", str(sotu / "test.txt"), "--max-windows", "2", "--eval-seqlen", "64"]
+    domains = f"{sotu / 'test.txt'},code:test"
+    evaluation = ["--eval-data", domains, "--max-windows", "2", "--eval-seqlen", "64"]
     plain, curved = tmp_path / "plain", tmp_path / "curved"
     for out, extra in ((plain, []), (curved, ["--eval-every", "2"])):
         result = run_cli(*qat_args(tiny_model_dir, sotu, out, "--steps", "4", *evaluation, *extra))
@@ -219,6 +220,9 @@ def test_eval_every_records_the_curve_without_changing_the_run(
     assert [r["step"] for r in records if "eval_ppl" in r] == [2, 4]
     final = json.loads((curved / "qatcli.json").read_text())["metrics"]["eval"]["ppl"]
     assert records[-1]["eval_ppl"] == pytest.approx(final, rel=1e-9)  # the recorded curve ends at the result
+    ev = json.loads((curved / "qatcli.json").read_text())["metrics"]["eval"]
+    assert records[-1]["eval_domains"] == {spec: d["ppl"] for spec, d in ev["domains"].items()}
+    assert list(ev["domains_before"]) == [str(sotu / "test.txt"), "code:test"]  # each domain at the start too
     assert json.loads((plain / "qatcli.json").read_text())["metrics"]["eval"]["ppl"] == final
 
 
