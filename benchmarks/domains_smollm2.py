@@ -100,6 +100,10 @@ def evaluate(model: str, domains: list[str], args: argparse.Namespace, work: Pat
     return json.loads(out.read_text())[0]
 
 
+def number(value: float) -> str:
+    return f"{value:.2f}" if value < 1e4 else f"{value:.2g}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -137,9 +141,9 @@ def main() -> None:
         each = results[row]["domains"]
         ratios = [each[d]["ppl"] / fp["domains"][d]["ppl"] for d in domains]
         geo = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
-        cells = " | ".join(f"{each[d]['ppl']:.2f} ({r:.2f}x)" for d, r in zip(domains, ratios, strict=True))
+        cells = " | ".join(f"{number(each[d]['ppl'])} ({number(r)}x)" for d, r in zip(domains, ratios, strict=True))
         wall = "-" if seconds is None else f"{seconds / 60:.1f} min"
-        lines.append(f"| {row} | {cells} | {geo:.2f}x | {max(ratios):.2f}x | {wall} |")
+        lines.append(f"| {row} | {cells} | {number(geo)}x | {number(max(ratios))}x | {wall} |")
     windows = {shown[d]: fp["domains"][d]["windows"] for d in domains}
     named = "".join(f"; {name} = `{spec}`" for name, spec in (a.split("=", 1) for a in args.data))
     command = f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '?')} python benchmarks/domains_smollm2.py"
