@@ -23,8 +23,9 @@ def machine() -> str:
     return f"{platform.node()}: {device}, torch {torch.__version__}"
 
 
-def publish(text: str, results: Path) -> None:
-    """Print a result section and append it to the results file."""
+def publish(text: str, results: Path, append: bool = True) -> None:
+    """Print a result section and, with ``append``, append it to the results file."""
     print(text)
-    with results.open("a") as f:
-        f.write("\n" + text)
+    if append:
+        with results.open("a") as f:
+            f.write("\n" + text)

@@ -160,10 +160,7 @@ def main() -> None:
     )
     text = header + "\n".join(lines) + "\n"
     (work / f"matrix-w{args.bits}-{args.seqlen}.md").write_text(text)
-    if args.publish:
-        publish(text, args.results)
-    else:
-        print(text)
+    publish(text, args.results, args.publish)
 
 
 if __name__ == "__main__":

@@ -203,10 +203,7 @@ def main() -> None:
         "geometric mean of the ratios.\n\n"
     )
     text = header + "\n".join(lines) + "\n"
-    if args.publish:
-        publish(text, args.results)
-    else:
-        print(text)
+    publish(text, args.results, args.publish)
 
 
 if __name__ == "__main__":

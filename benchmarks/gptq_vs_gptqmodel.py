@@ -200,10 +200,7 @@ def main() -> None:
     records = [json.loads(p.read_text()) for p in sorted(args.workdir.glob("*.json"))]
     records = [r for r in records if "cell" in r and r["setting"] == setting(args) and r["cell"] in CELLS]
     text = table(records, args)
-    if args.publish:
-        publish(text, args.results)
-    else:
-        print(text)
+    publish(text, args.results, args.publish)
 
 
 if __name__ == "__main__":
