@@ -261,7 +261,7 @@ class QATConfig:
         default=DEFAULT_QAT_DATA,
         metadata=doc(
             "Training data (same forms as evaluation data), or several sources mixed in their weights, e.g. "
-            "sotu:train:0.5,generated:1000:256:0.5; the default, sampled from the full-precision model, holds 800 "
+            "sotu:train:0.5,generated:500:0.5; the default, sampled from the full-precision model, holds 800 "
             "windows of 256 tokens"
         ),
     )
