@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from qatcli.config import Recipe
+from qatcli.data.mix import eval_specs
 from qatcli.data.sources import eval_windows
 from qatcli.data.tokens import TokenSource, window_bos
 from qatcli.diagnose.geometry import Point, hessian_distance, inward_component, segment_profile
@@ -54,8 +55,10 @@ def check_diagnose(recipe: Recipe, fp: str | None, quantized: list[str]) -> None
         if not is_checkpoint(Path(spec)) and read_gptq_config(Path(spec)) is None:
             problems.add(f"'{spec}' is neither a qatcli checkpoint nor a GPTQ-format directory")
     problems.data(recipe.eval.data, "no data: pass --data or set eval.data in the recipe")
-    if isinstance(recipe.eval.data, list) or "," in str(recipe.eval.data):
-        problems.add("diagnose measures the landscape on one domain: give --data a single spec")
+    if recipe.eval.data is not None:
+        with problems.check():
+            if len(eval_specs(recipe.eval.data)) > 1:
+                problems.add("diagnose measures the landscape on one domain: give --data a single spec")
     problems.raise_if_any()
 
 
